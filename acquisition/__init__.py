@@ -1,0 +1,1 @@
+"""Unattended wafer acquisition: sections, tiles, routes, the milling/imaging scheduler, storage."""

@@ -1,0 +1,1 @@
+"""DeepFocus: CNN autofocus and autostigmation, DeepScore recalibration, and the ZeroMQ daemon."""

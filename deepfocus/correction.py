@@ -1,0 +1,58 @@
+"""The estimator contract shared by the in-process estimator, the daemon and its client.
+
+An estimator looks at an image pair taken at wd - d and wd + d around the current
+setting and returns the correction to *add* to the current wd and stigmators.
+``autofocus(sem, estimator)`` accepts anything that implements ``Estimator``: the
+in-process CNN estimator, the ZeroMQ ``RemoteEstimator`` and the comparison
+methods (MAPFoSt, sharpness sweep) alike.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Correction:
+    """Correction to add to the microscope's current setting.
+
+    Physical parts are in the image frame (x along columns, y along rows, rows
+    pointing down); stigmator parts are in the microscope's own units, converted
+    once through the microscope's calibration.
+    """
+    wd_um: float
+    astig_x_um: float
+    astig_y_um: float
+    stig_x: float
+    stig_y: float
+    uncertainty_wd_um: float = float("nan")
+    uncertainty_stig: float = float("nan")
+    score: float = float("nan")
+    status: str = "ok"                      # "ok" | "uncertain"
+    model_id: str = ""
+    n_patches: int = 0
+    timings_s: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Correction":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class Estimator(ABC):
+    """Anything that turns a defocused image pair into a correction."""
+
+    #: the wd perturbation (m) the estimator wants the pair taken at (+-)
+    perturbation_m: float = 5e-6
+
+    @abstractmethod
+    def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
+                 perturbation_m: float | None = None) -> Correction:
+        """Correction for a pair taken at wd - perturbation and wd + perturbation."""

@@ -197,9 +197,13 @@ def synthetic_neuropil(size_px: int = 2048, pixel_size_m: float = 5e-9, seed: in
         cx, cy = rng.integers(0, n, 2)
         w = rng.uniform(200, 400) / nm / 2
         length = w * rng.uniform(1.2, 3.5)
-        one = np.zeros((n, n), np.uint8)
-        cv2.ellipse(one, (int(cx), int(cy)), (int(length), int(w)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
-        mito = np.maximum(mito, (one > 0) & (labels == labels[cy, cx]))
+        r = int(length) + 2
+        y0, y1, x0, x1 = max(cy - r, 0), min(cy + r, n), max(cx - r, 0), min(cx + r, n)
+        one = np.zeros((y1 - y0, x1 - x0), np.uint8)
+        cv2.ellipse(one, (int(cx - x0), int(cy - y0)), (int(length), int(w)), float(rng.uniform(0, 180)),
+                    0, 360, 1, -1)
+        inside = (one > 0) & (labels[y0:y1, x0:x1] == labels[cy, cx])  # a mitochondrion stays in its neurite
+        mito[y0:y1, x0:x1] = np.maximum(mito[y0:y1, x0:x1], inside)
     crist = _smooth_noise(rng, (n, n), 18.0 / nm)
     cristae = (np.abs(crist) < 0.35).astype(np.float32)
     img = np.where(mito > 0.5, 0.5 - 0.25 * cristae, img)

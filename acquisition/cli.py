@@ -13,6 +13,7 @@ import sys
 # module path of each package's command registry, in the order they are listed in --help
 COMMAND_MODULES = (
     "hardware.cli",
+    "hardware.instruments.cli",
     "gcib.cli",
     "acquisition.commands",
 )

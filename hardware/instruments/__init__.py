@@ -6,7 +6,8 @@
 * ``emulator_33522a``, ``emulator_34461a``: TCP emulators of both, for tests and the simulated microscope.
 """
 from .scpi import ChoiceError, Control, Identity, InstrumentError, SCPIInstrument, control
+from .current_meter import CurrentMeter, Keysight34461A, SimulatedCurrentMeter, integrate_charge_c
 from .waveform_33522a import ChannelSettings, SawtoothScan, Waveform33522A, WaveformFunction
 
 __all__ = ["ChoiceError", "Control", "Identity", "InstrumentError", "SCPIInstrument", "control",
-           "ChannelSettings", "SawtoothScan", "Waveform33522A", "WaveformFunction"]
+           "CurrentMeter", "Keysight34461A", "SimulatedCurrentMeter", "integrate_charge_c", "ChannelSettings", "SawtoothScan", "Waveform33522A", "WaveformFunction"]

@@ -97,6 +97,7 @@ def _register_mill_rate(subparsers) -> None:
     p.add_argument("--cycle-time-s", type=float, default=None, help="beam time per cycle, to report nm/s")
     p.add_argument("--threshold", type=float, default=10.0, help="grey values below this are wafer")
     p.add_argument("--sigma-px", type=float, default=1.0, help="Gaussian smoothing of the per-pixel index")
+    p.add_argument("--median-px", type=int, default=3, help="median filter against outliers (0: none)")
     p.add_argument("--roi", type=int, nargs=4, metavar=("Y0", "X0", "H", "W"), default=None,
                    help="analyse only this rectangle (pixels)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -109,7 +110,7 @@ def _cmd_mill_rate(args: argparse.Namespace) -> int:
     stack = read_ome_stack(args.stack)
     r = estimate_mill_rate(stack.data, args.thickness_nm * 1e-9, args.cycles_per_slice,
                            thickness_sd_m=args.thickness_sd_nm * 1e-9, threshold=args.threshold,
-                           sigma_px=args.sigma_px, roi=args.roi, cycle_time_s=args.cycle_time_s)
+                           sigma_px=args.sigma_px, median_px=args.median_px, roi=args.roi, cycle_time_s=args.cycle_time_s)
     if args.json:
         d = r.to_dict()
         d["depth_per_cycle_nm"] = r.depth_per_cycle_m * 1e9
@@ -140,6 +141,7 @@ def _register_flatten(subparsers) -> None:
                    help="section thickness, sets PhysicalSizeZ of the output (default: from the input's z step)")
     p.add_argument("--threshold", type=float, default=10.0, help="grey values below this are wafer")
     p.add_argument("--sigma-px", type=float, default=1.0, help="Gaussian smoothing of the per-pixel index")
+    p.add_argument("--median-px", type=int, default=3, help="median filter against outliers (0: none)")
     p.add_argument("--fill", type=float, default=0.0, help="value of columns without tissue")
     p.set_defaults(func=_cmd_flatten)
 
@@ -147,7 +149,8 @@ def _register_flatten(subparsers) -> None:
 def _cmd_flatten(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .stacks import OmeStack, flatten_stack, last_tissue_index, read_ome_stack, smooth_index, write_ome_stack
+    from .stacks import (OmeStack, clean_index, flatten_stack, last_tissue_index, read_ome_stack, smooth_index,
+                         tissue_cap, write_ome_stack)
 
     if args.out.resolve() == args.stack.resolve():
         raise ValueError(f"--out {args.out} would overwrite the input stack")
@@ -155,8 +158,10 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     raw = last_tissue_index(stack.data, args.threshold)
     if np.all(raw < 0):
         raise ValueError(f"{args.stack}: every pixel is below the wafer threshold {args.threshold:g}")
-    last = smooth_index(raw, args.sigma_px)
-    flat = flatten_stack(stack.data, last, n_out=args.slices, fill_value=args.fill, cap_index=raw)
+    cleaned = clean_index(raw, args.median_px)
+    last = smooth_index(cleaned, args.sigma_px)
+    flat = flatten_stack(stack.data, last, n_out=args.slices, fill_value=args.fill,
+                         cap_index=tissue_cap(stack.data, raw, cleaned, args.threshold))
     n_out = flat.shape[0]
     if args.thickness_nm is not None:
         dz = args.thickness_nm * 1e-9 / n_out

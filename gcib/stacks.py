@@ -30,6 +30,9 @@ DEFAULT_WAFER_THRESHOLD = 10.0
 # Gaussian s.d. (px) applied to the per-pixel index: suppresses single-pixel noise without blurring
 # the real, slowly varying inhomogeneity of the mill rate.
 DEFAULT_SIGMA_PX = 1.0
+# A single bright wafer pixel (noise, a speck of debris) makes that pixel's last tissue slice jump by
+# tens of slices; a 3 x 3 median removes such isolated outliers before the Gaussian spreads them.
+DEFAULT_MEDIAN_PX = 3
 _BLOCK_ELEMENTS = 1 << 20   # source voxels per block of rows handed to one worker
 
 
@@ -119,6 +122,34 @@ def last_tissue_index(stack: np.ndarray, threshold: float = DEFAULT_WAFER_THRESH
     return out
 
 
+def clean_index(index: np.ndarray, median_px: int = DEFAULT_MEDIAN_PX) -> np.ndarray:
+    """Median-filtered last-tissue index; pixels whose neighbourhood median is 'no tissue' keep their own value."""
+    if int(median_px) != median_px or median_px < 0:
+        raise LimitError("median filter size", median_px, 0, math.inf, "px")
+    if median_px <= 1:
+        return index.copy()
+    med = ndimage.median_filter(index, size=int(median_px), mode="nearest")
+    return np.where((index >= 0) & (med < 0), index, med).astype(index.dtype)
+
+
+def tissue_cap(stack: np.ndarray, raw: np.ndarray, cleaned: np.ndarray,
+               threshold: float = DEFAULT_WAFER_THRESHOLD, max_steps: int = 8) -> np.ndarray:
+    """Deepest slice, at or above the cleaned index, that still shows tissue in that very pixel.
+
+    Where the median replaced an outlier, the neighbours' value may lie a slice or
+    two past this pixel's own breakthrough; stepping up until the pixel is tissue
+    keeps the flattening from reading wafer there.
+    """
+    cap = np.minimum(raw, cleaned).astype(np.int64)
+    for _ in range(max_steps):
+        grey = np.take_along_axis(stack, np.clip(cap, 0, None)[None], axis=0)[0]
+        wafer = (cap > 0) & (grey < threshold)
+        if not wafer.any():
+            break
+        cap[wafer] -= 1
+    return cap
+
+
 def smooth_index(index: np.ndarray, sigma_px: float = DEFAULT_SIGMA_PX) -> np.ndarray:
     """Gaussian-smoothed float index; pixels without tissue (-1) neither contribute nor change (stay NaN)."""
     if sigma_px < 0 or not math.isfinite(sigma_px):
@@ -171,7 +202,8 @@ def _crop(stack: np.ndarray, roi: tuple[int, int, int, int] | None) -> tuple[np.
 
 def estimate_mill_rate(stack: np.ndarray, thickness_m: float, cycles_per_slice: int, *,
                        thickness_sd_m: float = 0.0, threshold: float = DEFAULT_WAFER_THRESHOLD,
-                       sigma_px: float = DEFAULT_SIGMA_PX, roi: tuple[int, int, int, int] | None = None,
+                       sigma_px: float = DEFAULT_SIGMA_PX, median_px: int = DEFAULT_MEDIAN_PX,
+                       roi: tuple[int, int, int, int] | None = None,
                        cycle_time_s: float | None = None) -> StackMillRate:
     """Depth milled per cycle (and per second of beam if ``cycle_time_s`` is given) from a sub-stack.
 
@@ -194,7 +226,7 @@ def estimate_mill_rate(stack: np.ndarray, thickness_m: float, cycles_per_slice: 
         raise LimitError("milling cycle time", cycle_time_s, 0.0, math.inf, "s")
     cropped, roi_t = _crop(stack, roi)
     nz = cropped.shape[0]
-    raw = last_tissue_index(cropped, threshold)
+    raw = clean_index(last_tissue_index(cropped, threshold), median_px)
     no_tissue = raw < 0
     not_through = raw >= nz - 1
     if np.all(no_tissue):
@@ -264,16 +296,17 @@ def _flatten_rows(src: np.ndarray, span: np.ndarray, cap: np.ndarray, n_out: int
 
 def flatten_stack(stack: np.ndarray, last_index: np.ndarray | None = None, *, n_out: int | None = None,
                   threshold: float = DEFAULT_WAFER_THRESHOLD, sigma_px: float = DEFAULT_SIGMA_PX,
-                  fill_value: float = 0, cap_index: np.ndarray | None = None,
+                  median_px: int = DEFAULT_MEDIAN_PX, fill_value: float = 0, cap_index: np.ndarray | None = None,
                   workers: int | None = None) -> np.ndarray:
     """Stretch every pixel column's tissue linearly over ``n_out`` slices (default: as many as the input).
 
     ``last_index`` is the last slice that shows tissue per pixel (fractional, e.g.
     smoothed, is fine; NaN or negative where there is none). When it is not given it
-    is found with ``threshold`` and smoothed with ``sigma_px``. The breakthrough lies
+    is found with ``threshold``, cleaned with a ``median_px`` median and smoothed with
+    ``sigma_px``. The breakthrough lies
     on average half a step after the last tissue slice, so the tissue is taken to
     span ``last_index + 1/2`` steps, and source positions are clipped at
-    ``cap_index`` (default: the raw last tissue slice when computed here,
+    ``cap_index`` (default: ``tissue_cap`` when computed here,
     ``last_index`` itself when given) so that wafer never leaks in. Columns without
     tissue get ``fill_value``. The output has the input's dtype (integers rounded).
     """
@@ -284,8 +317,9 @@ def flatten_stack(stack: np.ndarray, last_index: np.ndarray | None = None, *, n_
         raise LimitError("output slices", n_out, 1, math.inf)
     if last_index is None:
         raw = last_tissue_index(stack, threshold)
-        last = smooth_index(raw, sigma_px)
-        cap = raw if cap_index is None else cap_index
+        cleaned = clean_index(raw, median_px)
+        last = smooth_index(cleaned, sigma_px)
+        cap = tissue_cap(stack, raw, cleaned, threshold) if cap_index is None else cap_index
     else:
         last = np.asarray(last_index, dtype=np.float64)
         if last.shape != (ny, nx):

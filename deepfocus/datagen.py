@@ -1,0 +1,193 @@
+"""Training pairs from the simulated microscope.
+
+Each *group* is one pair of 512 x 512 frames taken at wd - d and wd + d on a randomly
+drawn microscope (profile parameters sampled around setup_a / setup_b), cut into 2 x 2
+patch pairs of 256 px. The target is the correction to add, minus the effective
+aberration midway between the two frames, read from the truth recorded with the frames
+(the lens has hysteresis, so what was set is not what the beam saw).
+
+Validation uses specimens never seen in training (split by specimen, never by crop).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hardware.factory import open_microscope
+from hardware.sim.specimen import Specimen, SyntheticSpecimen, load_specimen
+
+PATCH_PX = 256
+FRAME_PX = 512
+
+
+def shared_data_dir() -> Path:
+    """``$GCIBSEM_SHARED/data/em`` (default ``../shared`` beside the repository)."""
+    root = os.environ.get("GCIBSEM_SHARED")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / "shared"
+    return base / "data" / "em"
+
+
+@dataclass
+class SpecimenSpec:
+    """A specimen by file name (under the shared EM folder) or ``synthetic:SEED``, with a slice range."""
+    name: str
+    slices: tuple[int, int] | None = None
+
+    def load(self) -> Specimen:
+        if self.name.startswith("synthetic:"):
+            return SyntheticSpecimen(seed=int(self.name.split(":", 1)[1]), size_px=2048, n_slices=8)
+        path = Path(self.name)
+        if not path.is_absolute():
+            path = shared_data_dir() / self.name
+        sp = load_specimen(path)
+        if self.slices is not None:
+            a, b = self.slices
+            sp = Specimen(sp.slices[a:b].copy(), sp.pixel_size_m, sp.slice_thickness_m, name=f"{sp.name}[{a}:{b}]")
+        return sp
+
+
+TRAIN_SPECIMENS = [SpecimenSpec("synthetic:11"), SpecimenSpec("synthetic:12"), SpecimenSpec("synthetic:13"),
+                   SpecimenSpec("epfl_ca1_fibsem_5nm.ome.tif", (0, 27)),
+                   SpecimenSpec("flyem_fib25_8nm_250.ome.tif")]
+VAL_SPECIMENS = [SpecimenSpec("flyem_fib25_8nm_520.ome.tif"), SpecimenSpec("epfl_ca1_fibsem_5nm.ome.tif", (27, 32))]
+
+
+@dataclass
+class GenConfig:
+    perturbation_um: float = 5.0
+    wd_range_um: float = 34.0
+    stig_range: float = 7.0               # stigmator units, scaled by each microscope's um per unit
+    near_fraction: float = 0.35           # share of pairs drawn close to focus (where the loop ends)
+    pixel_size_nm: tuple[float, float] = (7.0, 14.0)
+    dwell_ns: tuple[float, float] = (40.0, 400.0)
+    pairs_per_microscope: int = 16
+    extra: list[str] = field(default_factory=list)
+
+
+def sample_overrides(rng: np.random.Generator) -> list[str]:
+    """A microscope drawn around setup_a / setup_b: optics, beam, detector, stigmator, scan rotation."""
+    u = rng.uniform
+    return [
+        f"seed={int(rng.integers(1, 2**31))}",
+        f"optics.aperture_angle_mrad={u(2.5, 5.5):.3f}",
+        f"optics.in_focus_probe_nm={u(2.0, 6.5):.2f}",
+        f"optics.hysteresis_um={u(0.0, 0.4):.3f}",
+        f"optics.image_rotation_deg_per_mm={u(-3, 3):.2f}",
+        f"beam.current_na={math.exp(u(math.log(0.4), math.log(2.5))):.3f}",
+        f"detector.efficiency={u(0.05, 0.2):.3f}",
+        f"detector.bit_depth={int(rng.choice([8, 16]))}",
+        f"detector.line_jitter_px={u(0.0, 0.4):.3f}",
+        f"stigmator.rotation_deg={u(-180, 180):.1f}",
+        f"stigmator.scale_um_per_unit={u(1.2, 2.6):.3f}",
+        f"scan.rotation_deg={u(-180, 180):.1f}",
+    ]
+
+
+def to_unit_range(image: np.ndarray) -> np.ndarray:
+    """Detector counts -> float32 in [-1, 1] by the image's integer range (floats: by their own extent)."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 127.5 - 1.0
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 32767.5 - 1.0
+    x = image.astype(np.float32)
+    lo, hi = float(np.min(x)), float(np.max(x))
+    return (x - lo) / max(hi - lo, 1e-12) * 2.0 - 1.0
+
+
+def augment(pair: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The thesis' augmentations on a (.., 2, H, W) pair in [-1, 1]: noise, gamma, brightness/contrast."""
+    x = pair.copy()
+    if rng.random() < 0.75:
+        x = x + rng.normal(0, rng.uniform(0, 0.2), x.shape).astype(np.float32)
+    if rng.random() < 0.75:
+        g = max(0.3, rng.normal(1.0, 0.25))
+        x = np.sign(x + 1) * np.abs((x + 1) / 2) ** g * 2 - 1
+    if rng.random() < 0.75:
+        x = x * max(0.2, rng.normal(1.0, 0.25)) + rng.normal(0, 0.25)
+    return x.astype(np.float32)
+
+
+def sample_aberration(rng: np.random.Generator, cfg: GenConfig) -> tuple[float, float, float]:
+    r = rng.random()
+    if r < cfg.near_fraction * 0.5:
+        scale = 0.08
+    elif r < cfg.near_fraction:
+        scale = 0.25
+    else:
+        scale = 1.0
+    return (rng.uniform(-1, 1) * cfg.wd_range_um * scale,
+            rng.uniform(-1, 1) * cfg.stig_range * scale,
+            rng.uniform(-1, 1) * cfg.stig_range * scale)
+
+
+def render_groups(specimen: Specimen, overrides: list[str], n: int, cfg: GenConfig,
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """``n`` groups of 4 patch pairs from one microscope: (n, 4, 2, P, P) in [-1, 1], targets (n, 3), pixel nm."""
+    base = "setup_a" if rng.random() < 0.6 else "setup_b"
+    m = open_microscope(base, list(overrides) + list(cfg.extra), specimen=specimen)
+    sem, sim, stage = m.sem, m.sim, m.stage
+    p_nm = float(rng.uniform(*cfg.pixel_size_nm))
+    dwell = math.exp(rng.uniform(math.log(cfg.dwell_ns[0]), math.log(cfg.dwell_ns[1]))) * 1e-9
+    sem.set_scan(pixel_size_m=p_nm * 1e-9, width_px=FRAME_PX, height_px=FRAME_PX, dwell_s=dwell)
+    d = cfg.perturbation_um * 1e-6
+    pairs = np.empty((n, 4, 2, PATCH_PX, PATCH_PX), np.float32)
+    targets = np.empty((n, 3), np.float32)
+    start = stage.position()
+    for i in range(n):
+        stage.move_to(x_m=start.x_m + rng.uniform(-3e-4, 3e-4), y_m=start.y_m + rng.uniform(-3e-4, 3e-4))
+        z, sx, sy = sample_aberration(rng, cfg)
+        ts = sim.true_stig()
+        lim = cfg_stig_limit(sem)
+        sem.set_stig(float(np.clip(ts[0] + sx, -lim, lim)), float(np.clip(ts[1] + sy, -lim, lim)))
+        c = sim.true_wd_m() + z * 1e-6
+        sem.set_wd_m(c)
+        sem.set_wd_m(c - d)
+        f_minus = sem.grab_frame()
+        sem.set_wd_m(c + d)
+        f_plus = sem.grab_frame()
+        tm, tp = f_minus.metadata["truth"], f_plus.metadata["truth"]
+        targets[i] = [-(tm[k] + tp[k]) / 2 for k in ("defocus_um", "astig_x_um", "astig_y_um")]
+        a, b = to_unit_range(f_minus.image), to_unit_range(f_plus.image)
+        for q, (r0, c0) in enumerate(((0, 0), (0, PATCH_PX), (PATCH_PX, 0), (PATCH_PX, PATCH_PX))):
+            pairs[i, q, 0] = a[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
+            pairs[i, q, 1] = b[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
+    return pairs, targets, p_nm
+
+
+def cfg_stig_limit(sem) -> float:
+    return float(sem.limits.stig_max)
+
+
+def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg: GenConfig, seed: int,
+                   copies: int = 2, loaded: dict | None = None) -> None:
+    """Render ``n_groups`` groups, keep ``copies`` augmented spectral-feature versions of each, save as .npz."""
+    import torch
+
+    from .features import SpectralFrontEnd
+    front = SpectralFrontEnd()
+    rng = np.random.default_rng(seed)
+    loaded = loaded if loaded is not None else {}
+    feats, targs, meta = [], [], []
+    done = 0
+    while done < n_groups:
+        spec_i = int(rng.integers(len(specimens)))
+        spec = specimens[spec_i]
+        if spec.name not in loaded or loaded[spec.name][0] != spec.slices:
+            loaded[spec.name] = (spec.slices, spec.load())
+        k = min(cfg.pairs_per_microscope, n_groups - done)
+        pairs, targets, p_nm = render_groups(loaded[spec.name][1], sample_overrides(rng), k, cfg, rng)
+        for c in range(copies):
+            x = augment(pairs, rng) if c > 0 else pairs
+            with torch.no_grad():
+                f = front(torch.from_numpy(x.reshape(-1, 2, PATCH_PX, PATCH_PX)), p_nm)
+            feats.append(f.numpy().reshape(k, 4, *f.shape[1:]).astype(np.float16))
+            targs.append(targets)
+            meta.append(np.full(k, spec_i, np.int16))
+        done += k
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=np.concatenate(feats), targets=np.concatenate(targs), specimen=np.concatenate(meta))
+    tmp.rename(path)

@@ -1,0 +1,86 @@
+"""Spectral-ratio front end: the image pair reduced to a small polar map of its power spectra.
+
+With the pair taken at wd - d and wd + d the specimen spectrum cancels in the ratio of
+the two power spectra (exactly under a Gaussian probe, approximately under the
+geometric one), so the ratio carries the aberration nearly independent of what is
+imaged. Binning is done in physical angular frequency (rad/um) so that one map
+layout serves every pixel size; bins beyond a frame's Nyquist limit are masked.
+Angles cover [0, pi) because power spectra of real images are point-symmetric and
+astigmatism is two-fold.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+class SpectralFrontEnd(nn.Module):
+    """(B, 2, H, W) pair scaled to [-1, 1] -> (B, 3, n_r, n_theta): log ratio, log power, mask."""
+
+    def __init__(self, n_r: int = 20, n_theta: int = 12, k_min_rad_per_um: float = 5.0,
+                 k_max_rad_per_um: float = 320.0):
+        super().__init__()
+        self.n_r = n_r
+        self.n_theta = n_theta
+        self.log_k_min = math.log(k_min_rad_per_um)
+        self.log_k_max = math.log(k_max_rad_per_um)
+
+    def bin_index(self, h: int, w: int, pixel_size_nm: float, device: torch.device) -> torch.Tensor:
+        p_um = pixel_size_nm * 1e-3
+        kx = 2.0 * math.pi * torch.fft.rfftfreq(w, d=p_um, device=device)
+        ky = 2.0 * math.pi * torch.fft.fftfreq(h, d=p_um, device=device)
+        kxx = kx.unsqueeze(0).expand(h, kx.shape[0])
+        kyy = ky.unsqueeze(1).expand(h, kx.shape[0])
+        k = torch.sqrt(kxx * kxx + kyy * kyy)
+        theta = torch.remainder(torch.atan2(kyy, kxx), math.pi)
+        r_idx = torch.floor((torch.log(k.clamp(min=1e-6)) - self.log_k_min)
+                            / (self.log_k_max - self.log_k_min) * self.n_r).long()
+        t_idx = torch.floor(theta / math.pi * self.n_theta).long().clamp(0, self.n_theta - 1)
+        idx = r_idx * self.n_theta + t_idx
+        outside = (r_idx < 0) | (r_idx >= self.n_r)
+        # one spare bin collects everything outside the map
+        return torch.where(outside, torch.full_like(idx, self.n_r * self.n_theta), idx).reshape(-1)
+
+    def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        b, c, h, w = x.shape
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        wy = torch.hann_window(h, periodic=False, dtype=x.dtype, device=x.device)
+        wx = torch.hann_window(w, periodic=False, dtype=x.dtype, device=x.device)
+        win = wy.unsqueeze(1) * wx.unsqueeze(0)
+        spec = torch.fft.rfft2(x * win)
+        power = (spec.real * spec.real + spec.imag * spec.imag) / (win * win).sum()
+        idx = self.bin_index(h, w, pixel_size_nm, x.device)
+        nb = self.n_r * self.n_theta + 1
+        flat = power.reshape(b * c, -1)
+        sums = torch.zeros(b * c, nb, dtype=x.dtype, device=x.device)
+        sums.index_add_(1, idx, flat)
+        counts = torch.zeros(nb, dtype=x.dtype, device=x.device)
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=x.dtype))
+        mean = sums[:, :-1] / counts[:-1].clamp(min=1.0)
+        mask = (counts[:-1] > 0).to(x.dtype)
+        logp = torch.log(mean + 1e-12).reshape(b, c, self.n_r * self.n_theta)
+        ratio = (logp[:, 1] - logp[:, 0]).clamp(-12.0, 12.0) * mask
+        level = 0.5 * (logp[:, 0] + logp[:, 1])
+        # gain and contrast only shift the log power: remove that shift per sample
+        ref = (level * mask).sum(dim=1, keepdim=True) / mask.sum().clamp(min=1.0)
+        level = ((level - ref) * mask).clamp(-20.0, 20.0)
+        m = mask.unsqueeze(0).expand(b, mask.shape[0])
+        out = torch.stack([ratio, 0.25 * level, m], dim=1)
+        return out.reshape(b, 3, self.n_r, self.n_theta)
+
+
+def structure_ratio(patch: torch.Tensor) -> torch.Tensor:
+    """Low- over high-frequency power of (N, H, W) patches: about 1 for white noise or a constant image."""
+    n, h, w = patch.shape
+    x = patch - patch.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.rfft2(x).abs() ** 2
+    fy = torch.fft.fftfreq(h).abs().unsqueeze(1)
+    fx = torch.fft.rfftfreq(w).unsqueeze(0)
+    f = torch.sqrt(fx * fx + fy * fy)
+    low = (f > 0) & (f < 0.08)
+    high = f > 0.4
+    lo = (power * low).sum(dim=(1, 2)) / low.sum()
+    hi = (power * high).sum(dim=(1, 2)) / high.sum()
+    return lo / hi.clamp(min=1e-20)

@@ -1,0 +1,195 @@
+"""Training: generate shards on the simulator, fit the head, checkpoint, export TorchScript.
+
+``deepfocus train --config FILE`` runs both stages. Everything lives under the config's
+``run_dir``: ``data/train_*.npz``, ``data/val_*.npz``, ``checkpoint.pt`` (model,
+optimiser, scheduler, step, best validation) and ``best.pt`` (TorchScript). Running the
+same command again resumes: finished shards are kept, training continues from the
+checkpoint. ``--generate-only`` / ``--train-only`` split the stages across processes;
+training picks up shards that appear while it runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import datagen
+from .models import SpectralNet
+
+SCORE_LOSS_MIX = 0.75     # thesis: (1 - 0.25) L1(consensus) + 0.25 L1(individual patches)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "deepfocus/runs/spectral"
+    seed: int = 0
+    threads: int = 1
+    train_shards: int = 40
+    val_shards: int = 4
+    groups_per_shard: int = 128
+    copies: int = 2
+    steps: int = 200000
+    batch_groups: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 5e-5
+    lr_gamma: float = 0.99
+    lr_step: int = 2000
+    checkpoint_every_s: float = 180.0
+    validate_every: int = 1000
+    min_train_shards: int = 4
+    model: dict = field(default_factory=dict)
+    gen: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+def generate(cfg: TrainConfig, log=print) -> None:
+    data = Path(cfg.run_dir) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    gen = datagen.GenConfig(**cfg.gen)
+    loaded: dict = {}
+    jobs = [("val", i, datagen.VAL_SPECIMENS) for i in range(cfg.val_shards)]
+    jobs += [("train", i, datagen.TRAIN_SPECIMENS) for i in range(cfg.train_shards)]
+    for kind, i, specs in jobs:
+        path = data / f"{kind}_{i:04d}.npz"
+        if path.exists():
+            continue
+        t = time.time()
+        seed = cfg.seed * 1_000_003 + (0 if kind == "train" else 500_000) + i
+        datagen.generate_shard(path, specs, cfg.groups_per_shard, gen, seed, cfg.copies, loaded)
+        log(f"shard {path.name}: {cfg.groups_per_shard} groups in {time.time() - t:.0f} s")
+
+
+def _load_shards(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    f, t = [], []
+    for p in paths:
+        with np.load(p) as d:
+            f.append(d["features"])
+            t.append(d["targets"])
+    return torch.from_numpy(np.concatenate(f).astype(np.float32)), torch.from_numpy(np.concatenate(t))
+
+
+def consensus(pred: torch.Tensor) -> torch.Tensor:
+    """(G, N, 4) per-patch predictions -> (G, 3) softmax(score)-weighted mean."""
+    w = torch.softmax(pred[..., 3], dim=1).unsqueeze(-1)
+    return (pred[..., :3] * w).sum(dim=1)
+
+
+def group_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    mean_loss = F.l1_loss(consensus(pred), target)
+    ind_loss = F.l1_loss(pred[..., :3], target.unsqueeze(1).expand(-1, pred.shape[1], -1))
+    return SCORE_LOSS_MIX * mean_loss + (1 - SCORE_LOSS_MIX) * ind_loss
+
+
+def fidelity_slope(pred_wd: np.ndarray, true_wd: np.ndarray, lo: float = 1.0, hi: float = 20.0) -> float:
+    sel = (np.abs(true_wd) >= lo) & (np.abs(true_wd) <= hi)
+    if sel.sum() < 3:
+        return float("nan")
+    return float(np.polyfit(true_wd[sel], pred_wd[sel], 1)[0])
+
+
+def evaluate(model: SpectralNet, feats: torch.Tensor, targets: torch.Tensor) -> dict:
+    model.eval()
+    with torch.no_grad():
+        g, n = feats.shape[:2]
+        pred = model.head(feats.reshape(g * n, *feats.shape[2:])).reshape(g, n, 4)
+        c = consensus(pred).numpy()
+    t = targets.numpy()
+    err = np.abs(c - t)
+    near = np.abs(t[:, 0]) <= 10
+    return {"mae_wd_um": float(err[:, 0].mean()), "mae_astig_um": float(err[:, 1:].mean()),
+            "mae_wd_um_within_10um": float(err[near, 0].mean()) if near.any() else float("nan"),
+            "within_1um_0.5um": float(((err[:, 0] <= 1) & (err[:, 1:].max(1) <= 0.5)).mean()),
+            "slope_wd_1_20um": fidelity_slope(c[:, 0], t[:, 0]), "n_groups": int(g)}
+
+
+def export(model: SpectralNet, path: Path, meta: dict) -> None:
+    model = model.eval()
+    scripted = torch.jit.script(model)
+    tmp = path.with_suffix(".tmp")
+    torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta)})
+    tmp.rename(path)
+
+
+def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.run_dir)
+    data = run / "data"
+    model = SpectralNet(**cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    ckpt_path = run / "checkpoint.pt"
+    step, best = 0, {"mae_wd_um": math.inf}
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, best = ck["step"], ck["best"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    while len(sorted(data.glob("val_*.npz"))) < cfg.val_shards or \
+            len(sorted(data.glob("train_*.npz"))) < min(cfg.min_train_shards, cfg.train_shards):
+        time.sleep(10)
+    vf, vt = _load_shards(sorted(data.glob("val_*.npz")))
+    known: list[Path] = []
+    tf = tt = None
+    rng = np.random.default_rng(cfg.seed + step)
+    t0 = last_ck = time.time()
+    meta_base = {"arch": "spectral", "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
+                 "patch_px": datagen.PATCH_PX, "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": step, "best": best, "config": asdict(cfg)}, tmp)
+        tmp.rename(ckpt_path)
+
+    while step < cfg.steps:
+        shards = sorted(data.glob("train_*.npz"))
+        if shards != known:
+            known = shards
+            tf, tt = _load_shards(known)
+            log(f"step {step}: training on {len(known)} shards, {tf.shape[0]} groups")
+        model.train()
+        for _ in range(200):
+            idx = torch.from_numpy(rng.integers(0, tf.shape[0], cfg.batch_groups))
+            x, y = tf[idx], tt[idx]
+            g, n = x.shape[:2]
+            pred = model.head(x.reshape(g * n, *x.shape[2:])).reshape(g, n, 4)
+            loss = group_loss(pred, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % cfg.validate_every == 0:
+                m = evaluate(model, vf, vt)
+                m.update(step=step, train_loss=loss.item())
+                log(json.dumps(m))
+                with open(run / "log.jsonl", "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
+                if m["mae_wd_um"] + 2 * m["mae_astig_um"] < best["mae_wd_um"] + 2 * best.get("mae_astig_um", 0):
+                    best = m
+                    export(model, run / "best.pt", dict(meta_base, validation=m, train_groups=int(tf.shape[0])))
+                model.train()
+        if time.time() - last_ck > cfg.checkpoint_every_s:
+            save_checkpoint()
+            last_ck = time.time()
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            break
+    save_checkpoint()
+    return best

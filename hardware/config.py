@@ -189,7 +189,7 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'profile'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'profile'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

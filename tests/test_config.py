@@ -1,0 +1,71 @@
+"""Microscope profiles: named or by path, dotted overrides, and clear errors for broken files."""
+from __future__ import annotations
+
+import pytest
+
+from hardware.config import available_profiles, load_profile
+from hardware.errors import ConfigError
+
+CONTRACT_KEYS = ["optics.aperture_angle_mrad", "optics.in_focus_probe_nm", "stigmator.rotation_deg",
+                 "stigmator.scale_um_per_unit", "beam.current_na", "detector.efficiency", "seed"]
+
+
+def get(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_shipped_profiles_hold_the_contract_keys():
+    assert {"setup_a", "setup_b"} <= set(available_profiles())
+    a, b = load_profile("setup_a"), load_profile("setup_b")
+    for key in CONTRACT_KEYS:
+        get(a, key), get(b, key)
+    # setup_b differs where recalibration matters
+    assert b.scan.rotation_deg == 90.0
+    assert b.stigmator.rotation_deg != a.stigmator.rotation_deg
+    assert b.stigmator.scale_um_per_unit != a.stigmator.scale_um_per_unit
+    assert b.beam.energy_kv == 1.2 and a.beam.energy_kv == 1.5
+
+
+@pytest.mark.parametrize("key, value", [("optics.aperture_angle_mrad", 3.25), ("optics.in_focus_probe_nm", 2.0),
+                                        ("stigmator.rotation_deg", -12.0), ("stigmator.scale_um_per_unit", 1.7),
+                                        ("beam.current_na", 0.4), ("detector.efficiency", 0.2), ("seed", 99)])
+def test_every_contract_key_can_be_overridden(key, value):
+    cfg = load_profile("setup_a", [f"{key}={value}"])
+    assert get(cfg, key) == value
+
+
+def test_profile_by_path_and_unknown_keys_in_files(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("name: mine\noptics:\n  aperture_angle_mrad: 5.0\n")
+    cfg = load_profile(str(p))
+    assert cfg.name == "mine" and cfg.optics.aperture_angle_mrad == 5.0
+    assert cfg.beam.current_na == 1.5      # defaults fill what the file leaves out
+    p.write_text("optics:\n  aperture_angle: 5.0\n")
+    with pytest.raises(ConfigError, match="unknown profile key 'optics.aperture_angle'"):
+        load_profile(str(p))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("optics: [1, 2", "not valid YAML"),
+    ("- 1\n- 2\n", "must be a mapping"),
+    ("beam:\n  current_na: -1\n", "beam.current_na must be positive"),
+    ("detector:\n  efficiency: 1.5\n", "detector.efficiency must be in (0, 1]"),
+    ("detector:\n  bit_depth: 12\n", "bit_depth must be 8 or 16"),
+    ("limits:\n  wd_mm: [5, 2]\n", "limits.wd_mm must be [low, high]"),
+    ("optics: 3\n", "optics: expected a mapping"),
+    ("beam:\n  current_na: .nan\n", "expected a finite number"),
+])
+def test_broken_profiles_are_named(tmp_path, text, message):
+    p = tmp_path / "broken.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_profile(str(p))
+    assert message in str(err.value)
+
+
+def test_missing_profile_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_profile("/nonexistent/scope.yaml")

@@ -1,0 +1,71 @@
+"""External validation: MAPFoSt (the `mapfost` package, written independently of this code) reads the
+simulator's aberrations back from a wd +- 5 um pair, and a closed loop on its estimates converges."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+mapfost = pytest.importorskip("mapfost.mapfost", reason="mapfost is in the [test] extra")
+
+from hardware.factory import open_microscope  # noqa: E402
+from hardware.sim.series import set_relative_aberration  # noqa: E402
+
+
+def estimate(scope):
+    """One MAPFoSt estimate of the current aberration (um, image frame) from a +-5 um pair."""
+    sem = scope.sem
+    wd = sem.get_wd_m()
+    sem.set_wd_m(wd - 5e-6)
+    minus = sem.grab_frame().image.astype(np.float64)
+    sem.set_wd_m(wd + 5e-6)
+    plus = sem.grab_frame().image.astype(np.float64)
+    sem.set_wd_m(wd)
+    alpha = scope.config.optics.aperture_angle_mrad * 1e-3
+    ok, _, res = mapfost.est_aberr([minus, plus], [-5.0, 5.0], pix_size_um=sem.get_scan().pixel_size_m * 1e6,
+                                   num_aperture=alpha * 0.25, stig_rot_deg=0, stig_scale=[1, 1],
+                                   crop_ref=(128, 128), crop_size=(512, 512), radial_aperture=0.25)
+    assert res is not None, f"mapfost failed: {ok}"
+    return np.asarray(res.x, float)
+
+
+def truth(scope):
+    a = scope.sim.aberration()
+    return np.array([a.defocus_um, a.astig_x_um, a.astig_y_um])
+
+
+@pytest.fixture
+def scope():
+    s = open_microscope("setup_a", ["stigmator.rotation_deg=30"])
+    s.sem.set_scan(pixel_size_m=10e-9, width_px=768, height_px=768, dwell_s=200e-9)
+    return s
+
+
+@pytest.mark.parametrize("z_um, stig", [(6.0, (0.0, 0.0)), (-8.0, (0.0, 0.0)), (3.0, (1.0, 0.0)),
+                                        (0.0, (0.0, 1.0)), (-5.0, (-0.8, 0.6))])
+def test_first_estimate_recovers_the_true_aberration(scope, z_um, stig):
+    set_relative_aberration(scope, z_um, stig)
+    t = truth(scope)
+    est = estimate(scope)
+    # MAPFoSt's Gaussian spot over-estimates a uniform spot's blur by about 20 %
+    err = np.linalg.norm(est - t)
+    assert err <= 0.25 * np.linalg.norm(t) + 0.3, f"truth {t}, mapfost {est}"
+
+
+def test_closed_loop_on_mapfost_converges(scope):
+    cfg = scope.config.stigmator
+    set_relative_aberration(scope, 12.0, (1.5, -1.2))
+    rot = math.radians(cfg.rotation_deg)
+    for _ in range(6):
+        z, ax, ay = estimate(scope)
+        # image-frame astigmatism (um) -> stigmator units, through the known calibration
+        dsx = (math.cos(rot) * ax + math.sin(rot) * ay) / cfg.scale_um_per_unit
+        dsy = (-math.sin(rot) * ax + math.cos(rot) * ay) / cfg.scale_um_per_unit
+        sx, sy = scope.sem.get_stig()
+        scope.sem.set_wd_m(scope.sem.get_wd_m() - z * 1e-6)
+        scope.sem.set_stig(sx - dsx, sy - dsy)
+    t = truth(scope)
+    stig_err = np.subtract(scope.sem.get_stig(), scope.sim.true_stig())
+    assert abs(t[0]) < 1.0, t
+    assert np.all(np.abs(stig_err) < 0.25), stig_err

@@ -25,6 +25,23 @@ def inst(emu):
     instrument.close()
 
 
+@pytest.fixture(scope="module")
+def _shared():
+    # one connection for the tests that keep it up: closing a pyserial socket costs 0.3 s
+    with Emulated33522A() as server:
+        instrument = SCPIInstrument(server.url, expected_model="33522A", timeout_s=1.0)
+        yield instrument, server
+        instrument.close()
+
+
+@pytest.fixture
+def shared(_shared):
+    instrument, server = _shared
+    server.device.handle_line("*RST;*CLS")
+    server.clear_log()
+    return instrument, server
+
+
 class ScriptedSerial:
     """A pyserial stand-in answering each written line from a dict; records every write."""
 
@@ -71,7 +88,8 @@ def free_port() -> int:
 
 
 # ----------------------------------------------------------------------------- identity
-def test_identifies_instrument_on_connect(inst):
+def test_identifies_instrument_on_connect(shared):
+    inst, _ = shared
     assert inst.identity.manufacturer == "Agilent Technologies"
     assert inst.identity.model == "33522A"
     assert inst.identity.serial_number == "MY00000000"
@@ -91,7 +109,8 @@ def test_errors_left_by_an_earlier_client_are_not_blamed_on_the_first_setting(em
 
 
 # ----------------------------------------------------------------------------- instrument errors
-def test_clamped_setting_raises_with_the_instruments_own_text(inst, emu):
+def test_clamped_setting_raises_with_the_instruments_own_text(shared):
+    inst, emu = shared
     with pytest.raises(InstrumentError) as info:
         inst.command("SOUR1:VOLT 30")  # beyond 10 Vpp into the default 50 ohm load
     assert info.value.errors == [(-222, "Data out of range")]
@@ -101,7 +120,8 @@ def test_clamped_setting_raises_with_the_instruments_own_text(inst, emu):
     assert emu.device.errors() == []
 
 
-def test_every_queued_error_is_drained_and_reported(inst, emu):
+def test_every_queued_error_is_drained_and_reported(shared):
+    inst, emu = shared
     with pytest.raises(InstrumentError) as info:
         inst.command("SOUR1:FOO 1;SOUR3:FREQ 5")
     assert info.value.errors == [(-113, "Undefined header"), (-114, "Header suffix out of range")]
@@ -189,6 +209,15 @@ def test_control_garbled_number_is_a_communication_error():
         Dial("loop://", serial_factory=factory).level_v
 
 
+def test_a_query_sent_as_a_setting_is_refused_before_sending():
+    fake, factory = scripted({})
+    inst = SCPIInstrument("loop://", serial_factory=factory)
+    fake.writes.clear()
+    with pytest.raises(ValueError, match="query"):
+        inst.command("SOUR1:FREQ?")
+    assert fake.writes == []
+
+
 def test_number_format_is_exact_and_plain():
     assert [format_number(v) for v in (100.0, 20, 0.001, -0.0, 1e-6, 0.1)] == \
         ["100", "20", "0.001", "0", "1e-06", "0.1"]
@@ -197,7 +226,8 @@ def test_number_format_is_exact_and_plain():
 
 
 # ----------------------------------------------------------------------------- threads
-def test_lock_keeps_replies_with_their_queries_across_threads(inst):
+def test_lock_keeps_replies_with_their_queries_across_threads(shared):
+    inst, _ = shared
     inst.command("SOUR1:FREQ 111")
     inst.command("SOUR2:FREQ 222")
     wrong: list[tuple[int, float]] = []

@@ -392,6 +392,10 @@ class SCPIInstrument:
     # ------------------------------------------------------------------ public exchanges
     def command(self, cmd: str) -> None:
         """Send a setting and drain the error queue; raise ``InstrumentError`` with the instrument's text."""
+        if cmd.rstrip().endswith("?"):
+            # its reply would be read as the answer to SYST:ERR?
+            raise ValueError(f"{cmd!r} is a query: use query(), not command()")
+
         def op() -> None:
             # One write for the setting and the first error query: two small writes in a
             # row would wait for the first one's delayed TCP acknowledgement (Nagle), ~40 ms.

@@ -1,0 +1,155 @@
+"""DeepFocus as SBEMimage's autofocus method, against a fake of SBEMimage's SEM API."""
+from __future__ import annotations
+
+import configparser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from deepfocus.sbemimage import DeepFocusAutofocus, DeepFocusSettings, run_deepfocus_af
+from deepfocus.service import Server, ServerConfig
+
+try:
+    from test_service_estimator import PowerRatioEstimator, specimen
+except ImportError:
+    from tests.test_service_estimator import PowerRatioEstimator, specimen
+
+pytestmark = pytest.mark.timeout(60)
+
+BETA_PX_PER_UM = 0.6
+
+
+class FakeSBEMimageSEM:
+    """Mimics SBEMimage's SEM class: wd in metres, stig in %, frames saved as TIFF files.
+
+    The image is the specimen blurred by an elliptical Gaussian whose widths
+    along columns and rows grow with defocus +/- astigmatism (x stigmator only).
+    """
+
+    def __init__(self, true_wd: float = 5.0e-3, true_stig=(0.3, -0.2), shape=(384, 512)):
+        self.true_wd, self.true_stig = true_wd, true_stig
+        self.wd, self.stig = true_wd, tuple(true_stig)
+        self.spec = specimen(shape, seed=21)
+        self.frame_settings: list[tuple] = []
+        self.wd_log: list[float] = []
+        self.fail_acquisition = False
+        self.error_info = ""
+        self.frames = 0
+
+    # SBEMimage SEM API
+    def get_wd(self) -> float:
+        return self.wd
+
+    def set_wd(self, target_wd: float) -> bool:
+        self.wd = float(target_wd)
+        self.wd_log.append(self.wd)
+        return True
+
+    def get_stig_xy(self) -> tuple[float, float]:
+        return self.stig
+
+    def set_stig_xy(self, target_stig_x: float, target_stig_y: float) -> None:
+        self.stig = (float(target_stig_x), float(target_stig_y))
+
+    def apply_frame_settings(self, frame_size_selector, pixel_size, dwell_time) -> None:
+        self.frame_settings.append((frame_size_selector, pixel_size, dwell_time))
+
+    def acquire_frame(self, save_path_filename, extra_delay=0) -> bool:
+        if self.fail_acquisition:
+            self.error_info = "Grab incomplete"
+            return False
+        z_um = (self.wd - self.true_wd) * 1e6
+        ax = self.stig[0] - self.true_stig[0]
+        sigma_cols, sigma_rows = BETA_PX_PER_UM * abs(z_um + ax), BETA_PX_PER_UM * abs(z_um - ax)
+        img = ndimage.gaussian_filter(self.spec, (sigma_rows, sigma_cols))
+        tifffile.imwrite(save_path_filename, np.clip(20000 + 3000 * img, 0, 65535)
+                         .astype(np.uint16))
+        self.frames += 1
+        return True
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
+                 estimator=PowerRatioEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
+    srv.start_in_thread()
+    yield srv.address
+    srv.stop()
+    srv.join()
+
+
+def settings_for(address: str, **kw) -> DeepFocusSettings:
+    base = dict(address=address, timeout_s=10, retries=0, settle_s=0.0, max_iterations=4,
+                max_wd_stig_diff=(20e-6, 2.0, 2.0))
+    base.update(kw)
+    return DeepFocusSettings(**base)
+
+
+def test_focuses_and_stigmates_through_the_daemon(daemon):
+    sem = FakeSBEMimageSEM()
+    sem.wd = sem.true_wd + 6e-6
+    sem.stig = (sem.true_stig[0] - 0.8, sem.true_stig[1])
+    res = run_deepfocus_af(sem, settings_for(daemon))
+    assert res.ok and "ERROR" not in res.message and "Completed DeepFocus AF" in res.message
+    assert abs(sem.wd - sem.true_wd) < 1e-6
+    assert abs(sem.stig[0] - sem.true_stig[0]) < 0.3
+    assert res.new_wd_stig == (sem.wd, *sem.stig)
+    assert res.converged and 1 <= len(res.iterations) <= 4
+    # SBEMimage units: frame size selector, pixel size in nm, dwell time in us
+    assert sem.frame_settings == [(1, 10.0, 0.2)]
+    # the pair is taken at -5 um and +5 um around the setting of each iteration
+    first = res.iterations[0].wd_before_m
+    assert sem.wd_log[:3] == pytest.approx([first - 5e-6, first + 5e-6, first])
+
+
+def test_correction_beyond_max_wd_stig_diff_is_not_applied(daemon):
+    sem = FakeSBEMimageSEM()
+    start_wd = sem.true_wd + 6e-6
+    sem.wd = start_wd
+    res = run_deepfocus_af(sem, settings_for(daemon, max_wd_stig_diff=(2e-6, 2.0, 2.0)))
+    assert not res.ok and "ERROR" in res.message and "max_wd_stig_diff" in res.message
+    assert sem.wd == start_wd and sem.stig == sem.true_stig
+    assert res.new_wd_stig == (None, None, None)
+
+
+def test_daemon_not_running_gives_an_error_message_and_restores_settings(tmp_path):
+    sem = FakeSBEMimageSEM()
+    sem.wd = start = sem.true_wd - 3e-6
+    addr = f"ipc://{tmp_path}/absent.sock"
+    res = run_deepfocus_af(sem, settings_for(addr, timeout_s=0.3, retries=1))
+    assert not res.ok and "ERROR" in res.message and addr in res.message
+    assert sem.wd == start and sem.stig == sem.true_stig
+
+
+def test_failed_frame_acquisition_is_reported(daemon):
+    sem = FakeSBEMimageSEM()
+    sem.fail_acquisition = True
+    start = sem.wd = sem.true_wd + 2e-6
+    res = run_deepfocus_af(sem, settings_for(daemon))
+    assert not res.ok and "Grab incomplete" in res.message and sem.wd == start
+
+
+def test_focus_only_leaves_stigmators_alone(daemon):
+    sem = FakeSBEMimageSEM()
+    sem.wd = sem.true_wd - 5e-6
+    sem.stig = stig = (sem.true_stig[0] + 0.6, sem.true_stig[1])
+    af = DeepFocusAutofocus(sem, settings_for(daemon))
+    try:
+        assert af.daemon_available()
+        msg = af.run(autofocus=True, autostig=False)
+    finally:
+        af.close()
+    assert "Completed" in msg
+    assert sem.stig == stig and abs(sem.wd - sem.true_wd) < 1.5e-6
+
+
+def test_settings_from_an_sbemimage_config():
+    cfg = configparser.ConfigParser()
+    cfg.read_string("[autofocus]\nmax_wd_stig_diff = [1e-05, 0.5, 0.5]\npixel_size = 8.0\n"
+                    "deepfocus_address = tcp://127.0.0.1:6001\ndeepfocus_max_iterations = 5\n")
+    st = DeepFocusSettings.from_sbemimage_config(cfg)
+    assert st.max_wd_stig_diff == (1e-05, 0.5, 0.5) and st.pixel_size_nm == 8.0
+    assert st.address == "tcp://127.0.0.1:6001" and st.max_iterations == 5

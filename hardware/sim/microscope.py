@@ -8,10 +8,11 @@ that runs here runs unchanged on a real microscope.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import cv2
 import numpy as np
+import scipy.fft
 
 from ..clock import Clock, VirtualClock
 from ..config import MicroscopeConfig
@@ -214,7 +215,7 @@ class SimulatedMicroscope:
         sec = self.wafer.section_at(x, y)
         meta = {"simulated": True, "truth": truth, "blanked": self.blanked,
                 "section": sec.index if sec is not None else None, "specimen": self.specimen.name,
-                "stage": self.stage_readback.__dict__.copy()}
+                "stage": asdict(self.stage_readback)}
         return Frame(image=image, scan=scan, wd_m=self.wd_set_m, stig=self.stig, beam_current_a=current_a,
                      timestamp_s=t0, duration_s=duration, metadata=meta)
 
@@ -228,7 +229,6 @@ class SimulatedMicroscope:
         jitter_px = cfg.detector.line_jitter_px
         margin = int(math.ceil(optics.blur_radius_m(defocus, astig, alpha, floor) / p + 4 * jitter_px)) + 4
         margin = min(margin, 2 * max(scan.width_px, scan.height_px))
-        import scipy.fft
         hp = scipy.fft.next_fast_len(scan.height_px + 2 * margin, real=True)
         wp = scipy.fft.next_fast_len(scan.width_px + 2 * margin, real=True)
         # beam position in wafer coordinates and the section under it

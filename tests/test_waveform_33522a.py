@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from hardware.errors import LimitError
 from hardware.instruments.emulator_33522a import Agilent33522AEmulator, Emulated33522A
+from hardware.instruments.emulator_base import DeviceSerial
 from hardware.instruments.scpi import ChoiceError, InstrumentError
 from hardware.instruments.waveform_33522a import (HIGH_Z, SawtoothScan, Waveform33522A, WaveformFunction,
                                                   check_output_window, peak_limit_v)
@@ -36,37 +37,6 @@ def gen(shared_gen, emu):
     return shared_gen[0]
 
 
-class EmulatorSerial:
-    """pyserial stand-in wired straight to the emulator's state machine; records the exact bytes written."""
-
-    def __init__(self, device):
-        self.device = device
-        self.writes: list[bytes] = []
-        self._out = b""
-
-    def write(self, data: bytes) -> int:
-        self.writes.append(data)
-        for line in data.decode("ascii").split("\n")[:-1]:
-            reply = self.device.handle_line(line)
-            if reply is not None:
-                self._out += reply.encode() + b"\n"
-        return len(data)
-
-    def read_until(self, expected: bytes = b"\n") -> bytes:
-        i = self._out.find(expected)
-        if i < 0:
-            data, self._out = self._out, b""
-            return data
-        data, self._out = self._out[: i + 1], self._out[i + 1:]
-        return data
-
-    def reset_input_buffer(self) -> None:
-        self._out = b""
-
-    def close(self) -> None:
-        pass
-
-
 # ----------------------------------------------------------------------------- the scan
 def test_sawtooth_scan_is_set_on_both_channels_from_any_previous_state(gen, emu):
     # a state that would clamp a naive command order: 50 ohm load, offset, fast sine
@@ -87,7 +57,7 @@ def test_sawtooth_scan_is_set_on_both_channels_from_any_previous_state(gen, emu)
 
 def test_exact_bytes_written_for_the_sawtooth_scan():
     device = Agilent33522AEmulator()
-    port = EmulatorSerial(device)
+    port = DeviceSerial(device)
     gen = Waveform33522A("socket://33522a.example:5025", serial_factory=lambda url, **kw: port)
     assert port.writes == [b"*IDN?\n", b"SYST:ERR?\n"]
     port.writes.clear()

@@ -198,6 +198,52 @@ class ScpiDevice:
         return ";".join(replies) if replies else None
 
 
+# ----------------------------------------------------------------------------- in-process link
+class DeviceSerial:
+    """A pyserial-like port wired straight to a ``ScpiDevice``: no socket, no thread.
+
+    For a simulation that wants the real driver in-process, and for tests that
+    check the exact bytes a driver writes (``writes``).
+    """
+
+    def __init__(self, device: ScpiDevice, termination: bytes = b"\n"):
+        self.device = device
+        self.termination = termination
+        self.writes: list[bytes] = []
+        self._out = b""
+        self.is_open = True
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(bytes(data))
+        for line in bytes(data).split(self.termination)[:-1]:
+            reply = self.device.handle_line(line.decode("ascii", errors="replace"))
+            if reply is not None:
+                self._out += reply.encode("ascii") + self.termination
+        return len(data)
+
+    def read_until(self, expected: bytes = b"\n", size: int | None = None) -> bytes:
+        i = self._out.find(expected)
+        if i < 0:  # as pyserial on a timeout: whatever has arrived
+            data, self._out = self._out, b""
+            return data
+        cut = i + len(expected)
+        data, self._out = self._out[:cut], self._out[cut:]
+        return data
+
+    def reset_input_buffer(self) -> None:
+        self._out = b""
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def serial_factory(device: ScpiDevice) -> Callable[..., DeviceSerial]:
+    """``serial_factory`` for ``SCPIInstrument`` that opens a ``DeviceSerial`` on ``device`` whatever the URL."""
+    def open_port(url: str, **kwargs: Any) -> DeviceSerial:
+        return DeviceSerial(device)
+    return open_port
+
+
 # ----------------------------------------------------------------------------- TCP server
 class _Handler(socketserver.StreamRequestHandler):
     server: "_Server"

@@ -5,7 +5,9 @@ and Y slow (1 Hz); their peak-to-peak amplitudes (up to 20 Vpp) set the milled
 area. Channel 1 drives X, channel 2 drives Y.
 
 Every limit the instrument would enforce is checked here first and raises
-``LimitError`` before anything is sent, because the instrument itself does not
+``LimitError`` before the setting is sent (a per-channel setter first reads the
+other settings its limit depends on; ``configure_sawtooth_scan`` sends nothing
+at all before its checks have passed), because the instrument itself does not
 refuse an out-of-range value: it clamps it, and a clamped scan amplitude mills a
 different area than planned. The instrument's error queue is still drained
 after every setting, in case this table of limits and the instrument disagree.
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from ..errors import LimitError, check_range
+from ..errors import BackendError, LimitError, check_range
 from .scpi import (Channel, ChoiceError, Control, SCPIInstrument, boolean, control, format_number,
                    format_on_off, in_range, parse_on_off)
 
@@ -203,7 +205,6 @@ class Channel33522A(Channel):
         function = self.function
         if unit == "VRMS" and function in _CREST_VPP_PER_VRMS:
             return reply * _CREST_VPP_PER_VRMS[function]
-        from ..errors import BackendError
         raise BackendError(f"{self.url}: channel {self.number} displays its amplitude in {unit} for "
                            f"{function.name.lower()}; cannot convert to Vpp")
 

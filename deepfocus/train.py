@@ -57,6 +57,9 @@ class TrainConfig:
 
 
 def generate(cfg: TrainConfig, log=print) -> None:
+    import cv2
+    cv2.setNumThreads(cfg.threads)      # the simulator's warps: keep the machine usable
+    torch.set_num_threads(cfg.threads)
     data = Path(cfg.run_dir) / "data"
     data.mkdir(parents=True, exist_ok=True)
     gen = datagen.GenConfig(**cfg.gen)

@@ -1,0 +1,214 @@
+"""The closed loop: acquire a pair, estimate, clip, apply, repeat.
+
+``autofocus(sem, estimator)`` drives any ``Estimator`` (the CNN estimator, the daemon's
+``RemoteEstimator``, MAPFoSt) through the SEM interface only. Methods that acquire their
+own frames (a sharpness sweep) implement ``measure(sem, settings)`` and are driven the
+same way. Outcomes:
+
+- ``converged``: the predicted correction fell below tolerance (it is applied).
+- ``iteration_limit``: corrections were confident but never small; the last setting stays.
+- ``uncertain``: the estimator refused or was not sure enough; the start is restored.
+- ``failed``: an error or a correction outside the limits; the start is restored.
+- ``aborted``: ``should_abort()`` said so; the start is restored.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from hardware.sem import SEM, Frame, ScanSettings
+
+from .correction import Correction, Estimator
+
+OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
+
+
+@dataclass
+class AutofocusSettings:
+    max_iterations: int = 5
+    tol_wd_m: float = 0.6e-6
+    tol_stig: float = 0.15                 # stigmator units
+    max_step_wd_m: float = 40e-6           # each correction is clipped to these
+    max_step_stig: float = 6.0
+    max_total_wd_m: float = 120e-6         # never wander further than this from the start
+    max_uncertainty_wd_m: float = 4e-6     # refuse a correction less certain than this
+    max_uncertainty_stig: float = 2.0
+    perturbation_m: float | None = None    # default: what the estimator wants
+    scan: ScanSettings | None = None       # scan for the focus frames (restored afterwards)
+    restore_on_failure: bool = True
+    correct_stig: bool = True
+
+
+@dataclass
+class IterationRecord:
+    iteration: int
+    wd_m: float                    # setting when the pair was taken
+    stig: tuple[float, float]
+    correction: dict[str, Any]
+    applied_wd_m: float
+    applied_stig: tuple[float, float]
+    clipped: bool
+    elapsed_s: float               # since the start: acquisition (microscope clock) plus compute
+    dose_e_per_nm2: float          # cumulative
+    compute_s: float
+    frames: int
+
+
+@dataclass
+class AutofocusResult:
+    outcome: str
+    iterations: int
+    trace: list[IterationRecord]
+    images_taken: int
+    dose_e_per_nm2: float
+    elapsed_s: float
+    compute_s: float
+    start_wd_m: float
+    start_stig: tuple[float, float]
+    final_wd_m: float
+    final_stig: tuple[float, float]
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in ("converged", "iteration_limit")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ActiveMethod(Protocol):
+    """A focus method that takes its own frames (e.g. a sharpness sweep)."""
+
+    def measure(self, sem: SEM, settings: AutofocusSettings) -> tuple[Correction, list[Frame]]: ...
+
+
+def acquire_pair(sem: SEM, perturbation_m: float) -> tuple[Frame, Frame]:
+    """Frames at wd - d and wd + d; wd is set back to where it was."""
+    wd = sem.get_wd_m()
+    try:
+        sem.set_wd_m(wd - perturbation_m)
+        minus = sem.grab_frame()
+        sem.set_wd_m(wd + perturbation_m)
+        plus = sem.grab_frame()
+    finally:
+        sem.set_wd_m(wd)
+    return minus, plus
+
+
+def _clip(v: float, lim: float) -> float:
+    return float(min(max(v, -lim), lim))
+
+
+def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None = None,
+              should_abort: Callable[[], bool] | None = None,
+              on_iteration: Callable[[IterationRecord], None] | None = None) -> AutofocusResult:
+    """Focus and stigmate ``sem`` with ``estimator``; see the module text for the outcomes."""
+    s = settings or AutofocusSettings()
+    d = s.perturbation_m if s.perturbation_m is not None else float(getattr(estimator, "perturbation_m", 5e-6))
+    clock = sem.clock
+    t_start = clock.now_s()
+    wall0 = time.perf_counter()
+    start_wd, start_stig = sem.get_wd_m(), sem.get_stig()
+    prev_scan = sem.get_scan()
+    trace: list[IterationRecord] = []
+    frames_n, dose, compute = 0, 0.0, 0.0
+    outcome, message = "iteration_limit", ""
+
+    def elapsed() -> float:
+        # a virtual clock does not see computation: add it so times compare with a real microscope
+        return clock.now_s() - t_start + (compute if clock.is_virtual else 0.0)
+
+    if hasattr(estimator, "reset"):
+        estimator.reset()
+    try:
+        if s.scan is not None:
+            sem.set_scan(s.scan)
+        for it in range(1, s.max_iterations + 1):
+            if should_abort is not None and should_abort():
+                outcome, message = "aborted", "aborted on request"
+                break
+            wd, stig = sem.get_wd_m(), sem.get_stig()
+            if hasattr(estimator, "measure"):
+                t0 = time.perf_counter()
+                corr, frames = estimator.measure(sem, s)
+                step_compute = corr.timings_s.get("total", time.perf_counter() - t0)
+            else:
+                minus, plus = acquire_pair(sem, d)
+                frames = [minus, plus]
+                t0 = time.perf_counter()
+                corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
+                step_compute = time.perf_counter() - t0
+            compute += step_compute
+            frames_n += len(frames)
+            dose += sum(f.dose_e_per_nm2 for f in frames)
+            values = (corr.wd_um, corr.stig_x, corr.stig_y)
+            bad = not all(math.isfinite(v) for v in values)
+            too_unsure = (corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m
+                          or (s.correct_stig and corr.uncertainty_stig > s.max_uncertainty_stig))
+            if corr.status != "ok" or bad or too_unsure:
+                reason = corr.extra.get("reason") or ("non-finite correction" if bad else
+                                                      f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, "
+                                                      f"stig {corr.uncertainty_stig:.2f}")
+                trace.append(IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose,
+                                             step_compute, len(frames)))
+                outcome, message = "uncertain", f"iteration {it}: correction refused ({reason})"
+                break
+            dwd = _clip(corr.wd_um * 1e-6, s.max_step_wd_m)
+            dsx = _clip(corr.stig_x, s.max_step_stig) if s.correct_stig else 0.0
+            dsy = _clip(corr.stig_y, s.max_step_stig) if s.correct_stig else 0.0
+            clipped = (dwd, dsx, dsy) != (corr.wd_um * 1e-6, corr.stig_x, corr.stig_y) and s.correct_stig
+            new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
+            if abs(new_wd - start_wd) > s.max_total_wd_m:
+                raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "
+                                   f"(limit {s.max_total_wd_m * 1e6:.0f} um)")
+            sem.set_wd_m(new_wd)
+            if s.correct_stig:
+                sem.set_stig(*new_stig)
+            rec = IterationRecord(it, wd, stig, corr.to_dict(), new_wd, new_stig, clipped, elapsed(), dose,
+                                  step_compute, len(frames))
+            trace.append(rec)
+            if on_iteration is not None:
+                on_iteration(rec)
+            small = abs(corr.wd_um) * 1e-6 <= s.tol_wd_m and (
+                not s.correct_stig or max(abs(corr.stig_x), abs(corr.stig_y)) <= s.tol_stig)
+            if small:
+                outcome, message = "converged", f"converged after {it} iteration(s)"
+                break
+    except Exception as exc:  # hardware or estimator error: report it and restore
+        outcome, message = "failed", f"{type(exc).__name__}: {exc}"
+    finally:
+        try:
+            if s.scan is not None:
+                sem.set_scan(prev_scan)
+        except Exception as exc:  # noqa: BLE001 - the scan restore must not hide the main outcome
+            message += f"; could not restore scan: {exc}"
+    if outcome in ("uncertain", "failed", "aborted") and s.restore_on_failure:
+        try:
+            sem.set_wd_m(start_wd)
+            if s.correct_stig:
+                sem.set_stig(*start_stig)
+        except Exception as exc:  # noqa: BLE001
+            message += f"; could not restore start: {exc}"
+            outcome = "failed"
+    return AutofocusResult(outcome, len(trace), trace, frames_n, dose, elapsed(), compute, start_wd, start_stig,
+                           sem.get_wd_m(), sem.get_stig(), message,
+                           {"wall_s": time.perf_counter() - wall0, "perturbation_m": d})
+
+
+def summarise(result: AutofocusResult) -> list[dict[str, Any]]:
+    """One compact row per iteration (for printing)."""
+    rows = []
+    for r in result.trace:
+        c = r.correction
+        rows.append({"iteration": r.iteration, "wd_um": round(r.wd_m * 1e6, 3),
+                     "stig": [round(v, 4) for v in r.stig], "status": c["status"],
+                     "corr_wd_um": round(c["wd_um"], 3), "corr_stig": [round(c["stig_x"], 4), round(c["stig_y"], 4)],
+                     "unc_wd_um": None if not np.isfinite(c["uncertainty_wd_um"]) else round(c["uncertainty_wd_um"], 3),
+                     "elapsed_s": round(r.elapsed_s, 3), "dose_e_per_nm2": round(r.dose_e_per_nm2, 2)})
+    return rows

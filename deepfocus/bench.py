@@ -1,0 +1,162 @@
+"""Closed-loop comparison on the simulated microscope: every method from the same starts.
+
+Each trial draws a specimen, a stage position and an initial aberration (wd, stigmator
+x, stigmator y); every method then runs on a fresh microscope with the same seed in the
+same state. After each correction the true aberration is read from the simulator.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hardware.factory import open_microscope
+from hardware.sem import ScanSettings
+from hardware.sim.specimen import load_specimen
+
+from .autofocus import AutofocusSettings, autofocus
+from .calibration import StigCalibration
+
+
+@dataclass
+class BenchConfig:
+    profile: str = "setup_a"
+    overrides: list[str] = field(default_factory=list)
+    specimens: list[str] = field(default_factory=list)     # empty: the synthetic specimen
+    methods: list[str] = field(default_factory=lambda: ["deepfocus", "mapfost", "sweep"])
+    model: str | None = None
+    trials: int = 10
+    iterations: int = 3
+    dwell_ns: float = 50.0
+    pixel_size_nm: float = 10.0
+    frame_px: tuple[int, int] = (1024, 768)
+    start_range_um: float = 30.0
+    start_range_stig: float = 6.0
+    margin_wd_um: float = 1.0
+    margin_stig: float = 0.25
+    seed: int = 0
+
+
+def make_method(name: str, cfg_micro, model: str | None):
+    cal = StigCalibration.from_config(cfg_micro)
+    if name == "deepfocus":
+        from .estimator import load_estimator
+        return load_estimator(model, calibration=cal)
+    if name == "mapfost":
+        from .methods import MapfostEstimator
+        return MapfostEstimator(cfg_micro.optics.aperture_angle_mrad * 1e-3, cal)
+    if name == "sweep":
+        from .methods import SweepFocus
+        return SweepFocus(calibration=cal)
+    raise ValueError(f"unknown method {name!r}; known: deepfocus, mapfost, sweep")
+
+
+def _state(scope) -> tuple[float, float, float]:
+    ab = scope.sim.aberration()
+    ts = scope.sim.true_stig()
+    st = scope.sem.get_stig()
+    return abs(ab.defocus_um), abs(st[0] - ts[0]), abs(st[1] - ts[1])
+
+
+def run_bench(cfg: BenchConfig, log=print) -> dict:
+    rng = np.random.default_rng(cfg.seed)
+    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    results: dict[str, dict] = {}
+    errors = {m: np.full((cfg.trials, cfg.iterations + 1, 3), np.nan) for m in cfg.methods}
+    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": []} for m in cfg.methods}
+    scan = ScanSettings(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
+                        dwell_s=cfg.dwell_ns * 1e-9)
+    for t in range(cfg.trials):
+        spec = specimens[t % len(specimens)]
+        seed = int(rng.integers(1, 2**31))
+        z = rng.uniform(-1, 1) * cfg.start_range_um
+        ds = rng.uniform(-1, 1, 2) * cfg.start_range_stig
+        off = rng.uniform(-2e-4, 2e-4, 2)
+        for name in cfg.methods:
+            scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={seed}"], specimen=spec)
+            method = make_method(name, scope.config, cfg.model)
+            p0 = scope.stage.position()
+            scope.stage.move_to(x_m=p0.x_m + off[0], y_m=p0.y_m + off[1])
+            scope.sem.set_scan(scan)
+            ts = scope.sim.true_stig()
+            scope.sem.set_stig(float(ts[0] + ds[0]), float(ts[1] + ds[1]))
+            scope.sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
+            errors[name][t, 0] = _state(scope)
+            hits: list[tuple[float, float]] = []
+
+            def record(rec, name=name, t=t, scope=scope, hits=hits):
+                e = _state(scope)
+                errors[name][t, rec.iteration] = e
+                if not hits and e[0] <= cfg.margin_wd_um and max(e[1], e[2]) <= cfg.margin_stig:
+                    hits.append((rec.elapsed_s, rec.dose_e_per_nm2))
+
+            settings = AutofocusSettings(max_iterations=cfg.iterations, tol_wd_m=-1.0, tol_stig=-1.0)
+            res = autofocus(scope.sem, method, settings, on_iteration=record)
+            # a loop that stopped early keeps its last state for the remaining iterations
+            last = _state(scope)
+            for k in range(1, cfg.iterations + 1):
+                if np.isnan(errors[name][t, k, 0]):
+                    errors[name][t, k] = last
+            per[name]["compute"] += [r.compute_s for r in res.trace]
+            per[name]["outcomes"].append(res.outcome)
+            if hits:
+                per[name]["time"].append(hits[0][0])
+                per[name]["dose"].append(hits[0][1])
+            else:
+                per[name]["failed"] += 1
+            e = errors[name][t, -1]
+            log(f"trial {t} {name:9s} start ({z:+.1f} um, {ds[0]:+.2f}, {ds[1]:+.2f}) -> "
+                f"|wd| {e[0]:.2f} um, |stig| {e[1]:.3f} {e[2]:.3f}  {res.outcome}")
+    for name in cfg.methods:
+        e = errors[name]
+        within = (e[..., 0] <= cfg.margin_wd_um) & (np.maximum(e[..., 1], e[..., 2]) <= cfg.margin_stig)
+        med = lambda v: float(statistics.median(v)) if v else float("nan")  # noqa: E731
+        results[name] = {
+            "iterations": [{"iteration": k, "mae_wd_um": float(e[:, k, 0].mean()),
+                            "mae_stig": float(e[:, k, 1:].mean()), "within_margin": float(within[:, k].mean())}
+                           for k in range(cfg.iterations + 1)],
+            "compute_s_median": med(per[name]["compute"]),
+            "time_to_focus_s_median": med(per[name]["time"]),
+            "dose_to_focus_e_per_nm2_median": med(per[name]["dose"]),
+            "failed": per[name]["failed"],
+            "outcomes": {o: per[name]["outcomes"].count(o) for o in sorted(set(per[name]["outcomes"]))},
+        }
+    cfg_dict = dict(cfg.__dict__)
+    return {"config": cfg_dict, "methods": results}
+
+
+def plot(result: dict, path: Path) -> None:
+    """Convergence traces (MAE wd and share within margin per iteration) as a PNG, drawn with OpenCV."""
+    import cv2
+    w, h, pad = 900, 420, 50
+    img = np.full((h, w, 3), 255, np.uint8)
+    colours = [(200, 80, 20), (30, 30, 200), (30, 150, 30), (120, 0, 120)]
+    panels = [("MAE wd (um, log)", "mae_wd_um", True), ("within margin", "within_margin", False)]
+    for p, (title, key, logy) in enumerate(panels):
+        x0 = pad + p * (w // 2)
+        pw, ph = w // 2 - 2 * pad, h - 2 * pad
+        cv2.rectangle(img, (x0, pad), (x0 + pw, pad + ph), (0, 0, 0), 1)
+        cv2.putText(img, title, (x0, pad - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+        for i, (name, r) in enumerate(result["methods"].items()):
+            its = r["iterations"]
+            n = max(len(its) - 1, 1)
+            pts = []
+            for row in its:
+                v = row[key]
+                y = (math.log10(max(v, 0.01)) + 2) / 4 if logy else v      # log: 0.01 .. 100
+                pts.append((int(x0 + row["iteration"] / n * pw), int(pad + ph - np.clip(y, 0, 1) * ph)))
+            c = colours[i % len(colours)]
+            cv2.polylines(img, [np.array(pts, np.int32)], False, c, 2)
+            cv2.putText(img, name, (x0 + 10, pad + 20 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, c, 1)
+        cv2.putText(img, "iteration", (x0 + pw // 2 - 30, h - 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img)
+
+
+def write(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float))
+    plot(result, out.with_suffix(".png"))

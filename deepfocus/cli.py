@@ -1,0 +1,207 @@
+"""The ``deepfocus`` command: predict, autofocus, bench, train (and the daemon's serve / ping)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 4
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    return v
+
+
+def read_image(path: Path):
+    import numpy as np
+    if not path.is_file():
+        raise ValueError(f"image {str(path)!r} does not exist")
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+        img = tifffile.imread(path)
+    else:
+        import cv2
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"cannot read image {str(path)!r}")
+        if img.ndim == 3:
+            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+    img = np.asarray(img)
+    if img.ndim != 2:
+        raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
+    return img
+
+
+def _calibration(args):
+    from hardware.config import load_profile
+
+    from .calibration import StigCalibration
+    if getattr(args, "profile", None):
+        return StigCalibration.from_config(load_profile(args.profile, args.set or []))
+    return None
+
+
+def predict_command(args) -> int:
+    if getattr(args, "connect", None):
+        from .service.cli import predict_remote
+        return predict_remote(args)
+    from .estimator import load_estimator
+    try:
+        minus, plus = read_image(args.minus), read_image(args.plus)
+        est = load_estimator(args.model, device=args.device, calibration=_calibration(args))
+        d = args.perturbation_um * 1e-6 if args.perturbation_um is not None else None
+        corr = est.estimate(minus, plus, args.pixel_size_nm * 1e-9, d)
+    except (OSError, ValueError) as exc:
+        print(f"deepfocus predict: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.json:
+        print(json.dumps(_json_safe(corr.to_dict())))
+    else:
+        print(f"add wd {corr.wd_um:+.3f} um (+- {corr.uncertainty_wd_um:.3f}), stig x {corr.stig_x:+.4f}, "
+              f"stig y {corr.stig_y:+.4f} (+- {corr.uncertainty_stig:.4f}); status {corr.status}")
+    return EXIT_OK
+
+
+def _method(name: str, scope, model):
+    from .bench import make_method
+    return make_method(name, scope.config, model)
+
+
+def autofocus_command(args) -> int:
+    import numpy as np
+
+    from hardware.factory import open_microscope
+    from hardware.sim.specimen import load_specimen
+
+    from .autofocus import AutofocusSettings, autofocus, summarise
+    spec = load_specimen(args.specimen) if args.specimen else None
+    scope = open_microscope(args.profile, args.set or [], specimen=spec)
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0], height_px=args.frame_px[1],
+                 dwell_s=args.dwell_ns * 1e-9)
+    if scope.sim is not None and (args.start_wd_um or args.start_stig):
+        ts = np.array(scope.sim.true_stig())
+        sem.set_stig(*(ts + np.array(args.start_stig or (0.0, 0.0))))
+        sem.set_wd_m(scope.sim.true_wd_m() + args.start_wd_um * 1e-6)
+    settings = AutofocusSettings(max_iterations=args.iterations)
+    res = autofocus(sem, _method(args.method, scope, args.model), settings)
+    out = {"outcome": res.outcome, "message": res.message, "iterations": summarise(res),
+           "images_taken": res.images_taken, "dose_e_per_nm2": res.dose_e_per_nm2, "elapsed_s": res.elapsed_s,
+           "compute_s": res.compute_s}
+    if scope.sim is not None:
+        ab = scope.sim.aberration()
+        out["final_truth"] = {"defocus_um": ab.defocus_um, "stig_error": list(np.subtract(sem.get_stig(),
+                                                                                         scope.sim.true_stig()))}
+    print(json.dumps(_json_safe(out), indent=None if args.json else 1, default=float))
+    return EXIT_OK if res.ok else EXIT_FAILED
+
+
+def bench_command(args) -> int:
+    from .bench import BenchConfig, run_bench, write
+    cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
+                      methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
+                      trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
+                      start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
+                      margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed)
+    res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
+    if args.json:
+        write(res, Path(args.json))
+    print(json.dumps(_json_safe(res["methods"]), indent=1, default=float))
+    return EXIT_OK
+
+
+def train_command(args) -> int:
+    from .train import TrainConfig, generate, train
+    cfg = TrainConfig.load(args.config)
+    if not args.train_only:
+        generate(cfg)
+    if not args.generate_only:
+        best = train(cfg, max_seconds=args.max_seconds)
+        print(json.dumps(_json_safe(best)))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepfocus", description="DeepFocus autofocus and autostigmation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="correction for an image pair taken at wd -/+ perturbation")
+    p.add_argument("minus", type=Path)
+    p.add_argument("plus", type=Path)
+    p.add_argument("--pixel-size-nm", type=float, required=True)
+    p.add_argument("--perturbation-um", type=float, default=None)
+    p.add_argument("--model", default=None, help="TorchScript model (default: the shipped model)")
+    p.add_argument("--profile", default=None, help="microscope profile whose calibration converts um to units")
+    p.add_argument("--set", action="append", metavar="K=V")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    try:
+        from .service.cli import add_connect_arguments
+        add_connect_arguments(p)
+    except Exception:  # noqa: BLE001 - the local path works without the daemon's dependencies
+        pass
+    p.set_defaults(func=predict_command)
+
+    def sim_args(q):
+        q.add_argument("--profile", default="setup_a")
+        q.add_argument("--set", action="append", metavar="K=V", help="profile override, repeatable")
+        q.add_argument("--model", default=None)
+        q.add_argument("--dwell-ns", type=float, default=200.0)
+        q.add_argument("--iterations", type=int, default=5)
+
+    a = sub.add_parser("autofocus", help="run the closed loop on the simulated microscope and print the trace")
+    sim_args(a)
+    a.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost", "sweep"))
+    a.add_argument("--specimen", default=None)
+    a.add_argument("--pixel-size-nm", type=float, default=10.0)
+    a.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
+    a.add_argument("--start-wd-um", type=float, default=0.0, help="initial defocus set before the loop")
+    a.add_argument("--start-stig", type=float, nargs=2, default=None, help="initial stigmator offset (units)")
+    a.add_argument("--json", action="store_true", help="one line of JSON")
+    a.set_defaults(func=autofocus_command)
+
+    b = sub.add_parser("bench", help="closed-loop comparison of methods on the simulated microscope")
+    sim_args(b)
+    b.set_defaults(dwell_ns=50.0, iterations=3)
+    b.add_argument("--specimens", nargs="*", default=[])
+    b.add_argument("--methods", default="deepfocus,mapfost,sweep")
+    b.add_argument("--trials", type=int, default=10)
+    b.add_argument("--start-range-um", type=float, default=30.0)
+    b.add_argument("--start-range-stig", type=float, default=6.0)
+    b.add_argument("--margin-wd-um", type=float, default=1.0)
+    b.add_argument("--margin-stig", type=float, default=0.25)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
+    b.set_defaults(func=bench_command)
+
+    t = sub.add_parser("train", help="generate training data on the simulator and train (resumes)")
+    t.add_argument("--config", required=True, type=Path)
+    t.add_argument("--generate-only", action="store_true")
+    t.add_argument("--train-only", action="store_true")
+    t.add_argument("--max-seconds", type=float, default=None)
+    t.set_defaults(func=train_command)
+
+    try:
+        from .service.cli import register_service_commands
+        register_service_commands(sub)
+    except Exception:  # noqa: BLE001 - serve/ping need pyzmq; the rest does not
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The in-process DeepFocus estimator: patch pairs, batched inference, consensus, uncertainty.
+
+``load_estimator(path)`` opens a TorchScript model written by ``deepfocus train`` (its
+``meta.json`` says which perturbation and patch size it was trained for). ``estimate``
+crops N patch pairs at the same offsets in both images, rejects patches without
+structure (a constant or pure-noise patch says nothing about focus), runs one batch,
+and combines the per-patch corrections by their softmax-weighted scores. The spread
+of the patch predictions around the consensus is the uncertainty.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibration import StigCalibration
+from .correction import Correction, Estimator
+from .features import structure_ratio
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL = MODELS_DIR / "spectral_v1.pt"
+PIXEL_SIZE_RANGE_M = (0.5e-9, 200e-9)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def normalise_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check a pair and scale both images to [-1, 1] the same way."""
+    a, b = np.asarray(minus), np.asarray(plus)
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"expected two 2-D grey images, got shapes {a.shape} and {b.shape}")
+    if a.shape != b.shape:
+        raise ValueError(f"the two images differ in shape: {a.shape} (wd - d) vs {b.shape} (wd + d); "
+                         "take both with the same scan settings")
+    if a.dtype != b.dtype:
+        raise ValueError(f"the two images differ in type: {a.dtype} vs {b.dtype}")
+    if a.dtype.kind == "f" and not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("image contains NaN or infinite values")
+    if a.dtype == np.uint8:
+        scale, off = 127.5, 1.0
+        return a.astype(np.float32) / scale - off, b.astype(np.float32) / scale - off
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 32767.5 - 1.0, b.astype(np.float32) / 32767.5 - 1.0
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"unsupported image type {a.dtype}")
+    lo = float(min(a.min(), b.min()))
+    hi = float(max(a.max(), b.max()))
+    span = max(hi - lo, 1e-12)
+    return ((a - lo) / span * 2 - 1).astype(np.float32), ((b - lo) / span * 2 - 1).astype(np.float32)
+
+
+def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "grid",
+                  seed: int = 0) -> list[tuple[int, int]]:
+    """Top-left corners of ``n`` patches: an even grid over the frame, or seeded random."""
+    h, w = shape
+    if layout == "random":
+        rng = np.random.default_rng(seed)
+        return [(int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))) for _ in range(n)]
+    if layout != "grid":
+        raise ValueError(f"patch layout must be 'grid' or 'random', got {layout!r}")
+    rows = max(1, min(int(round(math.sqrt(n * h / w))), h // patch if h >= 2 * patch else 1))
+    rows = max(1, min(rows, n))
+    cols = max(1, math.ceil(n / rows))
+    ys = np.linspace(0, h - patch, rows).round().astype(int) if rows > 1 else [(h - patch) // 2]
+    xs = np.linspace(0, w - patch, cols).round().astype(int) if cols > 1 else [(w - patch) // 2]
+    return [(int(y), int(x)) for y in ys for x in xs][:n]
+
+
+@dataclass
+class EstimatorSettings:
+    n_patches: int = 12
+    patch_px: int = 256
+    layout: str = "grid"
+    seed: int = 0
+    min_patches: int = 3
+    min_structure: float = 3.0           # low/high-frequency power ratio; ~1 for noise or a blank frame
+    max_spread_wd_um: float = 3.0        # spread allowed on top of 20 % of |wd| before the answer is "uncertain"
+    max_spread_astig_um: float = 1.5
+
+
+class DeepFocusEstimator(Estimator):
+    """CNN (or spectral-network) estimator over N patch pairs."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict | None = None, calibration: StigCalibration | None = None,
+                 settings: EstimatorSettings | None = None, device: str = "auto", threads: int | None = None,
+                 model_id: str = ""):
+        self.meta = dict(meta or {})
+        self.settings = settings or EstimatorSettings(patch_px=int(self.meta.get("patch_px", 256)))
+        self.calibration = calibration or StigCalibration()
+        self.device = pick_device(device)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        self.model = model.to(self.device).eval()
+        self.model_id = model_id or str(self.meta.get("arch", "model"))
+        self.perturbation_m = float(self.meta.get("perturbation_um", 5.0)) * 1e-6
+
+    # ------------------------------------------------------------------ checks
+    def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
+        lo, hi = PIXEL_SIZE_RANGE_M
+        if not (isinstance(pixel_size_m, (int, float)) and math.isfinite(pixel_size_m) and lo <= pixel_size_m <= hi):
+            raise ValueError(f"pixel_size_m must be in metres between {lo:g} and {hi:g} (e.g. 10e-9), "
+                             f"got {pixel_size_m!r}")
+        d = self.perturbation_m if perturbation_m is None else float(perturbation_m)
+        if not math.isfinite(d) or abs(d - self.perturbation_m) > 0.02 * self.perturbation_m:
+            raise ValueError(f"model {self.model_id} was trained for pairs at wd -/+ {self.perturbation_m * 1e6:g} um, "
+                             f"got perturbation {d * 1e6:g} um (perturbation_m is in metres)")
+        if min(shape) < 64:
+            raise ValueError(f"images of {shape} px are too small: need at least 64 px per side")
+        return d
+
+    # ------------------------------------------------------------------ estimate
+    def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
+                 perturbation_m: float | None = None) -> Correction:
+        t0 = time.perf_counter()
+        a, b = normalise_pair(minus, plus)
+        self._check(a.shape, pixel_size_m, perturbation_m)
+        s = self.settings
+        patch = min(s.patch_px, *a.shape)
+        offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
+        pairs = np.stack([np.stack([a[y:y + patch, x:x + patch], b[y:y + patch, x:x + patch]]) for y, x in offs])
+        x = torch.from_numpy(pairs)
+        with torch.no_grad():
+            struct = torch.minimum(structure_ratio(x[:, 0]), structure_ratio(x[:, 1]))
+        valid = (struct > s.min_structure).numpy()
+        t1 = time.perf_counter()
+        if valid.sum() < s.min_patches:
+            return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
+                                   f"(need {s.min_patches}): constant, blank or noise-only image",
+                                   {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
+        with torch.no_grad():
+            out = self.model(x[torch.from_numpy(valid)].to(self.device), float(pixel_size_m * 1e9)).float().cpu()
+        t2 = time.perf_counter()
+        pred = out.numpy().astype(np.float64)
+        w = np.exp(pred[:, 3] - pred[:, 3].max())
+        w /= w.sum()
+        mean = (pred[:, :3] * w[:, None]).sum(axis=0)
+        spread = np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
+        sx, sy = self.calibration.units(mean[1], mean[2])
+        unc_stig = float(np.linalg.norm(self.calibration.matrix, 2) * math.hypot(spread[1], spread[2]))
+        status, reason = "ok", ""
+        if spread[0] > s.max_spread_wd_um + 0.2 * abs(mean[0]):
+            status, reason = "uncertain", f"patches disagree on wd by {spread[0]:.2f} um"
+        elif math.hypot(spread[1], spread[2]) > s.max_spread_astig_um + 0.2 * math.hypot(mean[1], mean[2]):
+            status, reason = "uncertain", f"patches disagree on astigmatism by {math.hypot(spread[1], spread[2]):.2f} um"
+        return Correction(wd_um=float(mean[0]), astig_x_um=float(mean[1]), astig_y_um=float(mean[2]),
+                          stig_x=sx, stig_y=sy, uncertainty_wd_um=float(spread[0]), uncertainty_stig=unc_stig,
+                          score=float(pred[:, 3].mean()), status=status, model_id=self.model_id,
+                          n_patches=int(valid.sum()),
+                          timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
+                          extra={"reason": reason} if reason else {})
+
+    def _uncertain(self, reason: str, timings: dict, n: int) -> Correction:
+        return Correction(wd_um=0.0, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0,
+                          uncertainty_wd_um=float("inf"), uncertainty_stig=float("inf"), status="uncertain",
+                          model_id=self.model_id, n_patches=n, timings_s=timings, extra={"reason": reason})
+
+
+def read_meta(path: Path) -> dict:
+    files = {"meta.json": ""}
+    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    return json.loads(files["meta.json"] or "{}")
+
+
+def load_estimator(path: str | Path | None = None, device: str = "auto", calibration: StigCalibration | None = None,
+                   settings: EstimatorSettings | None = None, threads: int | None = None) -> DeepFocusEstimator:
+    """Open a TorchScript model file (default: the shipped model) as an estimator."""
+    p = Path(path) if path is not None else DEFAULT_MODEL
+    if not p.is_file():
+        shipped = sorted(q.name for q in MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
+        raise FileNotFoundError(f"model file {str(p)!r} does not exist; shipped models in {MODELS_DIR}: "
+                                f"{', '.join(shipped) or 'none'}")
+    files = {"meta.json": ""}
+    dev = pick_device(device)
+    try:
+        model = torch.jit.load(str(p), map_location=dev, _extra_files=files)
+    except Exception as exc:  # torch's own message names neither the file nor what was expected
+        raise ValueError(f"{str(p)!r} is not a TorchScript DeepFocus model: {exc}") from None
+    meta = json.loads(files["meta.json"] or "{}")
+    return DeepFocusEstimator(model, meta, calibration, settings, device=str(dev), threads=threads, model_id=p.name)

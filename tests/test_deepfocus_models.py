@@ -1,0 +1,100 @@
+"""DeepFocus networks: output shapes, TorchScript round trip, spectral front end physics."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepfocus.features import SpectralFrontEnd, structure_ratio
+from deepfocus.models import ARCHITECTURES, SpectralNet, build, count_parameters
+from deepfocus.train import consensus, export, group_loss
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_model_maps_patch_pairs_to_correction_and_score(arch):
+    torch.manual_seed(0)
+    model = build(arch).eval()
+    x = torch.randn(3, 2, 128, 128)
+    with torch.no_grad():
+        y = model(x, 10.0)
+    assert y.shape == (3, 4)
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_torchscript_round_trip_gives_the_same_output(arch, tmp_path):
+    torch.manual_seed(1)
+    model = build(arch).eval()
+    x = torch.randn(2, 2, 128, 128)
+    path = tmp_path / f"{arch}.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        assert torch.allclose(model(x, 8.0), loaded(x, 8.0), atol=1e-5)
+
+
+def test_thesis_model_sizes():
+    # thesis: pixel-score U-Net about 0.5 M parameters; baseline 7 blocks + 3 FC layers
+    assert 0.2e6 < count_parameters(build("pixel_score")) < 0.8e6
+    base = build("baseline")
+    assert [m.out_features for m in (base.fc1, base.fc2, base.fc3)] == [250, 50, 3]
+    assert build("patch_score").fc3.out_features == 4
+
+
+def _blurred_pair(z_um: float, ax_um: float, ay_um: float, p_nm: float = 10.0, n: int = 256):
+    from hardware.sim import optics
+    rng = np.random.default_rng(0)
+    img = rng.random((n, n)).astype(np.float32)
+    out = []
+    for dz in (-5.0, 5.0):
+        b = optics.apply_probe(img, p_nm * 1e-9, (z_um + dz) * 1e-6, (ax_um * 1e-6, ay_um * 1e-6), 4e-3, 3e-9)
+        out.append(b * 2 - 1)
+    return torch.from_numpy(np.stack(out)[None])
+
+
+def test_spectral_ratio_sign_follows_defocus_and_astigmatism():
+    fe = SpectralFrontEnd()
+    # below focus the + image is sharper: its high frequencies are stronger
+    r_neg = fe(_blurred_pair(-4.0, 0, 0), 10.0)[0, 0]
+    r_pos = fe(_blurred_pair(+4.0, 0, 0), 10.0)[0, 0]
+    mid = slice(8, 14)
+    assert r_neg[mid].mean() > 0.2 and r_pos[mid].mean() < -0.2
+    # astigmatism x: the ratio differs between the kx (theta 0) and ky (theta 90 deg) directions
+    r_ax = fe(_blurred_pair(0.0, 3.0, 0.0), 10.0)[0, 0]
+    assert (r_ax[mid, 0] - r_ax[mid, 6]).mean().abs() > 0.2
+
+
+def test_front_end_masks_bins_beyond_nyquist():
+    fe = SpectralFrontEnd()
+    x = torch.randn(1, 2, 128, 128)
+    coarse = fe(x, 20.0)[0, 2]      # 20 nm pixels: Nyquist at 157 rad/um, inside the map
+    fine = fe(x, 8.0)[0, 2]
+    assert coarse[-1].sum() == 0 and fine[-1].sum() > 0
+
+
+def test_structure_ratio_separates_texture_from_noise_and_blank():
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.normal(size=(1, 128, 128)).astype(np.float32))
+    blank = torch.zeros(1, 128, 128)
+    texture = torch.from_numpy(np.cumsum(np.cumsum(rng.normal(size=(128, 128)), 0), 1)[None].astype(np.float32))
+    assert structure_ratio(noise).item() < 2.0
+    assert structure_ratio(blank).item() < 2.0
+    assert structure_ratio(texture).item() > 10.0
+
+
+def test_patch_score_loss_prefers_the_right_patch():
+    target = torch.tensor([[5.0, 1.0, -1.0]])
+    good = torch.tensor([[5.0, 1.0, -1.0, 3.0], [-20.0, 0.0, 0.0, -3.0]]).unsqueeze(0)
+    bad = torch.tensor([[5.0, 1.0, -1.0, -3.0], [-20.0, 0.0, 0.0, 3.0]]).unsqueeze(0)
+    assert group_loss(good, target) < group_loss(bad, target)
+    assert torch.allclose(consensus(good), target, atol=0.1)
+
+
+def test_export_carries_metadata(tmp_path):
+    from deepfocus.estimator import read_meta
+    path = tmp_path / "m.pt"
+    export(SpectralNet(), path, {"arch": "spectral", "perturbation_um": 5.0})
+    assert read_meta(path)["perturbation_um"] == 5.0
+    assert json.dumps(read_meta(path))

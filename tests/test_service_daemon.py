@@ -292,5 +292,6 @@ def test_busy_reply_when_queue_is_full(serve):
             codes.append("ok" if rep.ok else rep.error_code)
     finally:
         sock.close()
-    assert codes.count("busy") >= 1 and codes.count("ok") >= 2
-    assert len(codes) == 4
+    # one runs, at most one waits; the rest are refused at once rather than queued without bound
+    assert codes.count("busy") >= 2 and codes.count("ok") >= 1
+    assert codes.count("ok") + codes.count("busy") == 4

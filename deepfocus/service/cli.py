@@ -110,6 +110,17 @@ def load_estimator_factory(spec: str, device: str):
     return factory(device=device) if takes_device else factory()
 
 
+def _shipped_model(models_dir: Path | None) -> tuple[Path | None, str | None]:
+    """The models directory and model to start with when none was named: the shipped default."""
+    try:
+        from ..estimator import DEFAULT_MODEL, MODELS_DIR
+    except Exception:  # torch missing or the estimator package unusable: start without a model
+        return models_dir, None
+    models_dir = models_dir or MODELS_DIR
+    default = Path(models_dir) / DEFAULT_MODEL.name
+    return models_dir, (default.name if default.is_file() else None)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from .protocol import Limits
     from .server import CurveServerKeys, Server, ServerConfig, ServiceConfigError, \
@@ -125,8 +136,11 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
         estimator = load_estimator_factory(args.estimator, device) if args.estimator else None
-        config = ServerConfig(bind=args.bind, device=device, models_dir=args.models,
-                              model=args.model, curve=curve, queue_size=args.queue_size,
+        models_dir, model = args.models, args.model
+        if estimator is None and model is None:
+            models_dir, model = _shipped_model(models_dir)
+        config = ServerConfig(bind=args.bind, device=device, models_dir=models_dir,
+                              model=model, curve=curve, queue_size=args.queue_size,
                               limits=Limits(max_side_px=args.max_side_px))
         server = Server(config, estimator=estimator,
                         estimator_name=(args.estimator or "builtin").rpartition(":")[2])

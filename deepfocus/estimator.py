@@ -79,7 +79,7 @@ def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "gri
 
 @dataclass
 class EstimatorSettings:
-    n_patches: int = 12
+    n_patches: int = 8
     patch_px: int = 256
     layout: str = "grid"
     seed: int = 0
@@ -130,8 +130,11 @@ class DeepFocusEstimator(Estimator):
         offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
         pairs = np.stack([np.stack([a[y:y + patch, x:x + patch], b[y:y + patch, x:x + patch]]) for y, x in offs])
         x = torch.from_numpy(pairs)
+        # the structure test runs on 2 x 2 binned patches: a quarter of the FFT work, same verdict
+        n2 = patch // 2
+        xb = x[:, :, :2 * n2, :2 * n2].reshape(x.shape[0], 2, n2, 2, n2, 2).mean(dim=(3, 5))
         with torch.no_grad():
-            struct = torch.minimum(structure_ratio(x[:, 0]), structure_ratio(x[:, 1]))
+            struct = torch.minimum(structure_ratio(xb[:, 0]), structure_ratio(xb[:, 1]))
         valid = (struct > s.min_structure).numpy()
         t1 = time.perf_counter()
         if valid.sum() < s.min_patches:

@@ -1,0 +1,152 @@
+"""The in-process estimator: input checks, featureless images, calibration, the predict command."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepfocus.calibration import StigCalibration
+from deepfocus.estimator import DEFAULT_MODEL, EstimatorSettings, load_estimator, patch_offsets
+from deepfocus.models import SpectralNet
+from deepfocus.train import export
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "spectral_test.pt"
+    export(SpectralNet(), path, {"arch": "spectral", "perturbation_um": 5.0, "patch_px": 256})
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair():
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a")
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=384, dwell_s=100e-9)
+    wd = sem.get_wd_m()
+    sem.set_wd_m(wd - 5e-6)
+    a = sem.grab_frame().image
+    sem.set_wd_m(wd + 5e-6)
+    b = sem.grab_frame().image
+    return a, b
+
+
+def test_a_pair_gives_a_finite_correction_with_uncertainty(model_file, pair):
+    est = load_estimator(model_file, device="cpu")
+    c = est.estimate(*pair, 10e-9)
+    assert all(math.isfinite(v) for v in (c.wd_um, c.stig_x, c.stig_y, c.uncertainty_wd_um, c.uncertainty_stig))
+    assert c.n_patches == EstimatorSettings().n_patches
+    assert c.timings_s["total"] > 0
+
+
+@pytest.mark.parametrize("minus, plus, match", [
+    (np.zeros((256, 256), np.uint8), np.zeros((256, 300), np.uint8), "differ in shape"),
+    (np.full((256, 256), np.nan, np.float32), np.zeros((256, 256), np.float32), "NaN"),
+    (np.zeros((256, 256), np.uint8), np.zeros((256, 256), np.uint16), "differ in type"),
+    (np.zeros((3, 256, 256), np.uint8), np.zeros((3, 256, 256), np.uint8), "2-D"),
+])
+def test_bad_input_is_a_clear_error(model_file, minus, plus, match):
+    est = load_estimator(model_file, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        est.estimate(minus, plus, 10e-9)
+
+
+def test_pixel_size_in_wrong_units_is_rejected(model_file, pair):
+    est = load_estimator(model_file, device="cpu")
+    with pytest.raises(ValueError, match="metres"):
+        est.estimate(*pair, 10.0)          # nanometres passed as metres
+    with pytest.raises(ValueError, match="perturbation"):
+        est.estimate(*pair, 10e-9, perturbation_m=5.0)
+
+
+@pytest.mark.parametrize("kind", ["constant", "noise"])
+def test_featureless_images_are_uncertain_not_a_move(model_file, kind):
+    rng = np.random.default_rng(0)
+    if kind == "constant":
+        a = b = np.full((512, 512), 117, np.uint8)
+    else:
+        a = rng.poisson(60, (512, 512)).astype(np.uint8)
+        b = rng.poisson(60, (512, 512)).astype(np.uint8)
+    c = load_estimator(model_file, device="cpu").estimate(a, b, 10e-9)
+    assert c.status == "uncertain"
+    assert (c.wd_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0)
+    assert "structure" in c.extra["reason"]
+
+
+def test_missing_model_file_names_the_file():
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load_estimator("/nonexistent/nope.pt")
+
+
+def test_a_file_that_is_not_a_model_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a TorchScript"):
+        load_estimator(bad)
+
+
+def test_patch_offsets_stay_inside_and_are_the_same_for_both_images():
+    for layout in ("grid", "random"):
+        offs = patch_offsets((768, 1024), 256, 8, layout, seed=3)
+        assert len(offs) == 8
+        assert all(0 <= y <= 512 and 0 <= x <= 768 for y, x in offs)
+        assert offs == patch_offsets((768, 1024), 256, 8, layout, seed=3)
+
+
+def test_calibration_converts_image_frame_astigmatism_to_the_simulators_units():
+    from hardware.factory import open_microscope
+    # setup_b with a calibration that matches its stigmator, scan rotated 90 degrees
+    scope = open_microscope("setup_b", ["calibration.stig_rotation_deg=35", "calibration.stig_scale_um_per_unit=1.4"])
+    cal = StigCalibration.from_config(scope.config)
+    ts = np.array(scope.sim.true_stig())
+    scope.sem.set_stig(*(ts + [0.8, -0.6]))
+    ab = scope.sim.aberration()
+    np.testing.assert_allclose(cal.units(ab.astig_x_um, ab.astig_y_um), [0.8, -0.6], atol=0.03)
+    np.testing.assert_allclose(cal.astig_um(*cal.units(1.0, 2.0)), [1.0, 2.0], atol=1e-9)
+
+
+def test_calibration_matrix_must_be_invertible():
+    with pytest.raises(ValueError, match="invertible"):
+        StigCalibration(((1.0, 2.0), (2.0, 4.0)))
+
+
+def _write_pair(tmp_path, pair):
+    import tifffile
+    a, b = tmp_path / "minus.tif", tmp_path / "plus.tif"
+    tifffile.imwrite(a, pair[0])
+    tifffile.imwrite(b, pair[1])
+    return a, b
+
+
+def test_predict_command_prints_one_json_object(tmp_path, pair, model_file):
+    a, b = _write_pair(tmp_path, pair)
+    out = subprocess.run([sys.executable, "-m", "deepfocus.cli", "predict", str(a), str(b), "--pixel-size-nm", "10",
+                          "--perturbation-um", "5", "--model", str(model_file), "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    for key in ("wd_um", "stig_x", "stig_y", "uncertainty_wd_um", "uncertainty_stig", "status"):
+        assert key in d
+
+
+def test_predict_command_rejects_a_missing_image(tmp_path, model_file):
+    out = subprocess.run([sys.executable, "-m", "deepfocus.cli", "predict", str(tmp_path / "a.tif"),
+                          str(tmp_path / "b.tif"), "--pixel-size-nm", "10", "--model", str(model_file), "--json"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_the_shipped_model_exists_and_loads():
+    est = load_estimator()
+    assert DEFAULT_MODEL.stat().st_size < 10e6
+    assert abs(est.perturbation_m - 5e-6) < 1e-9

@@ -1,0 +1,55 @@
+"""``autofocus(sem, RemoteEstimator(addr))`` behaves exactly like the in-process estimator."""
+from __future__ import annotations
+
+import pytest
+
+autofocus_mod = pytest.importorskip("deepfocus.autofocus")
+
+from hardware.factory import open_microscope  # noqa: E402
+from hardware.sem import ScanSettings  # noqa: E402
+
+from deepfocus.client import RemoteEstimator  # noqa: E402
+from deepfocus.service import Server, ServerConfig  # noqa: E402
+
+try:
+    from test_service_estimator import PowerRatioEstimator
+except ImportError:
+    from tests.test_service_estimator import PowerRatioEstimator
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _estimator() -> PowerRatioEstimator:
+    # about the simulated probe's blur per um of defocus at 10 nm pixels
+    return PowerRatioEstimator(blur_px_per_um=0.2, patch_px=128)
+
+
+def _microscope():
+    m = open_microscope("setup_a", ["seed=7"])
+    m.sem.set_wd_m(m.sim.true_wd_m() + 6e-6)
+    return m
+
+
+def test_remote_and_local_estimators_drive_the_same_closed_loop():
+    settings = autofocus_mod.AutofocusSettings(
+        max_iterations=2, max_uncertainty_wd_m=1.0, max_uncertainty_stig=1e3,
+        scan=ScanSettings(width_px=384, height_px=256))
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"), estimator=_estimator())
+    srv.start_in_thread()
+    remote = RemoteEstimator(srv.address, timeout_s=20, retries=0)
+    try:
+        a, b = _microscope(), _microscope()
+        local_run = autofocus_mod.autofocus(a.sem, _estimator(), settings)
+        remote_run = autofocus_mod.autofocus(b.sem, remote, settings)
+    finally:
+        remote.close()
+        srv.stop()
+        srv.join()
+    assert remote_run.outcome == local_run.outcome
+    assert remote_run.iterations == local_run.iterations == 2
+    assert [t.correction["wd_um"] for t in remote_run.trace] == \
+        [t.correction["wd_um"] for t in local_run.trace]
+    assert remote_run.final_wd_m == local_run.final_wd_m
+    assert remote_run.final_stig == local_run.final_stig
+    # and the loop did focus: from 6 um off to within 1.5 um
+    assert abs(remote_run.final_wd_m - b.sim.true_wd_m()) < 1.5e-6

@@ -138,15 +138,18 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 t0 = time.perf_counter()
                 corr, frames = estimator.measure(sem, s)
                 step_compute = corr.timings_s.get("total", time.perf_counter() - t0)
+                frames_n += len(frames)
+                dose += sum(f.dose_e_per_nm2 for f in frames)
             else:
                 minus, plus = acquire_pair(sem, d)
                 frames = [minus, plus]
+                # the dose is spent even if the estimate fails below
+                frames_n += 2
+                dose += minus.dose_e_per_nm2 + plus.dose_e_per_nm2
                 t0 = time.perf_counter()
                 corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
                 step_compute = time.perf_counter() - t0
             compute += step_compute
-            frames_n += len(frames)
-            dose += sum(f.dose_e_per_nm2 for f in frames)
             values = (corr.wd_um, corr.stig_x, corr.stig_y)
             bad = not all(math.isfinite(v) for v in values)
             too_unsure = (corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m

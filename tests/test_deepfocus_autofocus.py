@@ -1,0 +1,106 @@
+"""The closed loop: restores the microscope on failure, refuses uncertain corrections, converges on the simulator."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepfocus.autofocus import AutofocusSettings, autofocus
+from deepfocus.correction import Correction, Estimator
+from hardware.factory import open_microscope
+
+
+class Scripted(Estimator):
+    """Returns prepared corrections in turn; raises when told to."""
+
+    def __init__(self, steps):
+        self.steps = list(steps)
+        self.calls = 0
+
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None):
+        step = self.steps[min(self.calls, len(self.steps) - 1)]
+        self.calls += 1
+        if isinstance(step, Exception):
+            raise step
+        return step
+
+
+def corr(wd_um=0.0, sx=0.0, sy=0.0, status="ok", unc=0.1):
+    return Correction(wd_um, 0.0, 0.0, sx, sy, unc, 0.01, status=status)
+
+
+@pytest.fixture
+def small_scope():
+    scope = open_microscope("setup_a")
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=128, height_px=128, dwell_s=50e-9)
+    return scope
+
+
+def test_error_in_a_later_iteration_restores_wd_and_stig(small_scope):
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    res = autofocus(sem, Scripted([corr(8.0, 0.5, -0.3), RuntimeError("detector lost")]))
+    assert res.outcome == "failed" and "detector lost" in res.message
+    assert sem.get_wd_m() == pytest.approx(wd0, abs=1e-12)
+    assert sem.get_stig() == pytest.approx(st0)
+    assert res.images_taken == 4 and res.dose_e_per_nm2 > 0
+
+
+def test_uncertain_correction_is_refused_and_the_start_restored(small_scope):
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    res = autofocus(sem, Scripted([corr(5.0, 0.2, 0.2), corr(30.0, status="uncertain")]))
+    assert res.outcome == "uncertain"
+    assert (sem.get_wd_m(), sem.get_stig()) == (pytest.approx(wd0, abs=1e-12), pytest.approx(st0))
+
+
+def test_too_uncertain_correction_is_refused(small_scope):
+    res = autofocus(small_scope.sem, Scripted([corr(5.0, unc=9.0)]), AutofocusSettings(max_uncertainty_wd_m=4e-6))
+    assert res.outcome == "uncertain" and res.iterations == 1
+
+
+def test_steps_are_clipped_and_small_corrections_converge(small_scope):
+    sem = small_scope.sem
+    wd0 = sem.get_wd_m()
+    res = autofocus(sem, Scripted([corr(500.0, 20.0, 0.0), corr(0.1, 0.01, 0.0)]),
+                    AutofocusSettings(max_step_wd_m=40e-6, max_step_stig=3.0))
+    assert res.outcome == "converged" and res.iterations == 2
+    assert res.trace[0].clipped
+    assert sem.get_wd_m() - wd0 == pytest.approx(40.1e-6, abs=1e-9)
+
+
+def test_abort_restores_the_start(small_scope):
+    sem = small_scope.sem
+    wd0 = sem.get_wd_m()
+    calls = iter([False, True])
+    res = autofocus(sem, Scripted([corr(6.0)]), should_abort=lambda: next(calls))
+    assert res.outcome == "aborted" and sem.get_wd_m() == pytest.approx(wd0, abs=1e-12)
+
+
+def test_the_scan_is_restored_after_the_loop(small_scope):
+    from hardware.sem import ScanSettings
+    sem = small_scope.sem
+    before = sem.get_scan()
+    autofocus(sem, Scripted([corr(0.0)]), AutofocusSettings(scan=ScanSettings(width_px=256, height_px=256)))
+    assert sem.get_scan() == before
+
+
+def _truth(scope):
+    ab = scope.sim.aberration()
+    return abs(ab.defocus_um), np.abs(np.subtract(scope.sem.get_stig(), scope.sim.true_stig()))
+
+
+@pytest.mark.parametrize("profile, start_um, start_stig", [("setup_a", 14.0, (1.5, -1.2)),
+                                                            ("setup_a", -10.0, (-1.0, 2.0))])
+def test_shipped_model_converges_from_a_moderate_aberration(profile, start_um, start_stig):
+    from deepfocus.calibration import StigCalibration
+    from deepfocus.estimator import load_estimator
+    scope = open_microscope(profile)
+    sem, sim = scope.sem, scope.sim
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=100e-9)
+    sem.set_stig(*(np.array(sim.true_stig()) + start_stig))
+    sem.set_wd_m(sim.true_wd_m() + start_um * 1e-6)
+    est = load_estimator(calibration=StigCalibration.from_config(scope.config), device="cpu")
+    res = autofocus(sem, est, AutofocusSettings(max_iterations=4))
+    wd_err, stig_err = _truth(scope)
+    assert res.ok, res.message
+    assert wd_err < 1.0 and stig_err.max() < 0.25, (wd_err, stig_err, res.trace)

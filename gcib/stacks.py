@@ -271,20 +271,27 @@ def _flatten_rows(src: np.ndarray, span: np.ndarray, cap: np.ndarray, n_out: int
     if nz == 1:
         out[:] = src[0]
         return
-    columns = np.arange(plane, dtype=np.int32).reshape(span.shape)
-    step = np.int32(plane)
+    # Indices are intp: take() converts any other index type first, which costs more than the gather itself.
+    columns = np.arange(plane, dtype=np.intp).reshape(span.shape)
     z_all = np.arange(n_out, dtype=np.float32) * np.float32(1.0 / max(n_out - 1, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(span > 0, cap / span, np.inf)
+    z_no_cap = float(ratio.min())                      # below this output z no position reaches its cap
+    last_reachable = bool(cap.max() >= nz - 1)         # some column has tissue in the stack's last slice
     integer_out = np.issubdtype(out.dtype, np.integer)
     for j in range(0, n_out, _Z_CHUNK):
-        pos = z_all[j:j + _Z_CHUNK, None, None] * span
-        np.minimum(pos, cap, out=pos)
-        i0 = pos.astype(np.int32)                       # floor: positions are >= 0
-        np.minimum(i0, nz - 2, out=i0)                  # so that i0 + 1 exists; frac becomes 1 there
+        z = z_all[j:j + _Z_CHUNK]
+        pos = z[:, None, None] * span
+        if z[-1] > z_no_cap:
+            np.minimum(pos, cap, out=pos)
+        i0 = pos.astype(np.intp)                        # floor: positions are >= 0
+        if last_reachable and z[-1] >= z_no_cap:
+            np.minimum(i0, nz - 2, out=i0)              # so that i0 + 1 exists; frac becomes 1 there
         np.subtract(pos, i0, out=pos, dtype=np.float32)
-        i0 *= step
+        i0 *= plane
         i0 += columns
         lower = flat.take(i0, mode="clip").astype(np.float32)
-        i0 += step
+        i0 += plane
         upper = flat.take(i0, mode="clip").astype(np.float32)
         upper -= lower
         upper *= pos
@@ -339,7 +346,7 @@ def flatten_stack(stack: np.ndarray, last_index: np.ndarray | None = None, *, n_
     out = np.empty((n_out, ny, nx), dtype=stack.dtype)
     blocks = _row_blocks(ny, max(nz, 1) * nx)
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = min(8, os.cpu_count() or 1)
 
     def work(rows: slice) -> None:
         _flatten_rows(stack[:, rows, :], span[rows], cap32[rows], n_out, out[:, rows, :])

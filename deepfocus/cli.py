@@ -130,6 +130,19 @@ def train_command(args) -> int:
     return EXIT_OK
 
 
+def speed_command(args) -> int:
+    from dataclasses import asdict
+
+    from .perf import measure
+    rows = measure(args.archs.split(",") if args.archs else None, tuple(args.threads), args.patches, args.patch_px,
+                   args.repeats)
+    for r in rows:
+        print(json.dumps(asdict(r)) if args.json else
+              f"{r.arch:12s} {r.variant:14s} threads {r.threads}  {r.n_patches} x {r.patch_px} px  "
+              f"{r.median_s * 1e3:8.1f} ms")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfocus", description="DeepFocus autofocus and autostigmation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-only", action="store_true")
     t.add_argument("--max-seconds", type=float, default=None)
     t.set_defaults(func=train_command)
+
+    v = sub.add_parser("speed", help="time the models per correction (eager, TorchScript, threads, int8)")
+    v.add_argument("--archs", default=None, help="comma-separated (default: all)")
+    v.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    v.add_argument("--patches", type=int, default=8)
+    v.add_argument("--patch-px", type=int, default=256)
+    v.add_argument("--repeats", type=int, default=5)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=speed_command)
 
     try:
         from .service.cli import register_service_commands

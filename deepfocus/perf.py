@@ -1,0 +1,63 @@
+"""Compute per correction on this machine: architectures, eager vs TorchScript, threads, channels-last, int8.
+
+Timed on random weights (the cost does not depend on them) with a batch of N patch pairs,
+the way the estimator calls the model; ``deepfocus speed`` prints the table.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .models import ARCHITECTURES, build
+
+
+@dataclass
+class SpeedRow:
+    arch: str
+    variant: str
+    threads: int
+    n_patches: int
+    patch_px: int
+    median_s: float
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n_patches: int = 8,
+            patch_px: int = 256, repeats: int = 5) -> list[SpeedRow]:
+    rows = []
+    before = torch.get_num_threads()
+    x = torch.randn(n_patches, 2, patch_px, patch_px)
+    try:
+        for arch in archs or list(ARCHITECTURES):
+            model = build(arch).eval()
+            variants = {"eager": model, "torchscript": torch.jit.script(model)}
+            if arch != "spectral":
+                variants["channels_last"] = model.to(memory_format=torch.channels_last_3d)
+            else:
+                variants["int8_linear"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                                                 dtype=torch.qint8)
+            for nt in threads:
+                torch.set_num_threads(nt)
+                for name, m in variants.items():
+                    inp = x.contiguous(memory_format=torch.channels_last) if name == "channels_last" else x
+
+                    def run(m=m, inp=inp):
+                        with torch.no_grad():
+                            m(inp, 10.0)
+                    rows.append(SpeedRow(arch, name, nt, n_patches, patch_px, _time(run, repeats)))
+    finally:
+        torch.set_num_threads(before)
+    return rows

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .campaign import DAY_S, CampaignParameters, estimate_campaign
+from .campaign import CampaignParameters, estimate_campaign
 from .mill_rate import MillRateModel, ev_per_cm3_to_j_per_m3, j_per_m3_to_ev_per_cm3
 
 _DEFAULTS = CampaignParameters()

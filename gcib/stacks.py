@@ -271,8 +271,11 @@ def _flatten_rows(src: np.ndarray, span: np.ndarray, cap: np.ndarray, n_out: int
     if nz == 1:
         out[:] = src[0]
         return
-    # Indices are intp: take() converts any other index type first, which costs more than the gather itself.
-    columns = np.arange(plane, dtype=np.intp).reshape(span.shape)
+    # Flat indices are built in float32 while that is exact (below 2**24), which halves the memory
+    # traffic of the index arithmetic; take() then needs them as intp, its native index type.
+    exact_f32 = nz * plane < 2 ** 24
+    index_dtype = np.float32 if exact_f32 else np.float64
+    columns = np.arange(plane, dtype=index_dtype).reshape(span.shape)
     z_all = np.arange(n_out, dtype=np.float32) * np.float32(1.0 / max(n_out - 1, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(span > 0, cap / span, np.inf)
@@ -284,12 +287,13 @@ def _flatten_rows(src: np.ndarray, span: np.ndarray, cap: np.ndarray, n_out: int
         pos = z[:, None, None] * span
         if z[-1] > z_no_cap:
             np.minimum(pos, cap, out=pos)
-        i0 = pos.astype(np.intp)                        # floor: positions are >= 0
+        lower_z = np.floor(pos).astype(index_dtype, copy=False)
         if last_reachable and z[-1] >= z_no_cap:
-            np.minimum(i0, nz - 2, out=i0)              # so that i0 + 1 exists; frac becomes 1 there
-        np.subtract(pos, i0, out=pos, dtype=np.float32)
-        i0 *= plane
-        i0 += columns
+            np.minimum(lower_z, nz - 2, out=lower_z)    # so that lower + 1 exists; frac becomes 1 there
+        np.subtract(pos, lower_z, out=pos, casting="unsafe")
+        lower_z *= plane
+        lower_z += columns
+        i0 = lower_z.astype(np.intp)
         lower = flat.take(i0, mode="clip").astype(np.float32)
         i0 += plane
         upper = flat.take(i0, mode="clip").astype(np.float32)

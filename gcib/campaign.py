@@ -52,13 +52,21 @@ class CampaignParameters:
     irradiated_area_m2: float | None = None    # None: the milled field
 
     def validate(self) -> None:
+        def number(value) -> float:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return math.nan
+
         def positive(name: str, value: float, unit: str) -> None:
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise LimitError(name, float(value), 0.0, math.inf, unit)
+            v = number(value)
+            if not (math.isfinite(v) and v > 0):
+                raise LimitError(name, v, 0.0, math.inf, unit)
 
         def non_negative(name: str, value: float, unit: str) -> None:
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise LimitError(name, float(value), 0.0, math.inf, unit)
+            v = number(value)
+            if not (math.isfinite(v) and v >= 0):
+                raise LimitError(name, v, 0.0, math.inf, unit)
 
         for name, value, unit in (("number of sections", self.n_sections, ""),
                                   ("section thickness", self.section_thickness_m, "m"),
@@ -79,6 +87,10 @@ class CampaignParameters:
                                   ("mill cycle overhead", self.mill_cycle_overhead_s, "s"),
                                   ("irradiation dose", self.dose_j_per_m3, "J/m^3")):
             non_negative(name, value, unit)
+        for name, value in (("number of sections", self.n_sections), ("tile size", self.tile_px),
+                            ("cycles per slice", self.cycles_per_slice)):
+            if int(value) != value:
+                raise ValueError(f"{name} must be a whole number, got {value}")
         if not 0 <= self.tile_overlap_fraction < 0.5:
             raise LimitError("tile overlap fraction", self.tile_overlap_fraction, 0.0, 0.5)
         if self.mill_s_per_m_override is not None:

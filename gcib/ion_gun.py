@@ -280,10 +280,11 @@ class IonGun:
         """Program the raster for a ``width_m`` x ``height_m`` field; the beam stays blanked. Returns (x, y) Vpp."""
         x_vpp, y_vpp = self.calibration.vpp_for_field(width_m, height_m)
         self.blanker.blank()
-        self.driver.configure_sawtooth_scan(self.x_hz, self.y_hz, x_vpp, y_vpp)
         if isinstance(self.blanker, ScanOutputsBlanker):
+            # switching the outputs on is what unblanks this kind of blanker: only remember the raster
             self.blanker.remember_scan(self.x_hz, self.y_hz, x_vpp, y_vpp)
-            self.blanker.blank()
+        else:
+            self.driver.configure_sawtooth_scan(self.x_hz, self.y_hz, x_vpp, y_vpp)
         self.field_m = (float(width_m), float(height_m))
         self.vpp = (x_vpp, y_vpp)
         return x_vpp, y_vpp

@@ -220,11 +220,11 @@ class MillingCycle:
         for pos in self._planned_positions(here):
             self.stage.limits.check(pos)
 
-    def _at_mill_position(self, here: StagePosition) -> bool:
+    def _at_mill_xyz(self, here: StagePosition) -> bool:
+        """x, y and z at the mill position (any tilt): tilting there is safe."""
         m, p = self.plan.mill_position, self.plan
         return (math.hypot(here.x_m - m.x_m, here.y_m - m.y_m) <= p.position_tolerance_m
-                and abs(here.z_m - m.z_m) <= p.position_tolerance_m
-                and abs(here.tilt_deg - p.mill_tilt_deg) <= p.tilt_tolerance_deg)
+                and abs(here.z_m - m.z_m) <= p.position_tolerance_m)
 
     # -- run
     def run(self, cycle_id: str) -> CycleState:
@@ -234,10 +234,11 @@ class MillingCycle:
         if state.finished:
             return state
         here = self.stage.position()
-        at_mill = self._at_mill_position(here)
+        at_mill = self._at_mill_xyz(here)
+        tilted = abs(here.tilt_deg) > self.plan.tilt_tolerance_deg
         if state.started:
             self._record(cycle_id, "resume", beam_s_done=state.beam_s_done, charge_c=state.charge_c)
-            if abs(here.tilt_deg) > self.plan.tilt_tolerance_deg and not at_mill:
+            if tilted and not at_mill:
                 raise UnsafeStageStateError(
                     f"cycle {cycle_id}: stage is tilted ({here.tilt_deg:g} deg) away from the mill position; "
                     "bring it to tilt 0 by hand before resuming")
@@ -247,7 +248,11 @@ class MillingCycle:
                          ion_current_a=self.gun.current_a)
             state = cycle_state(self.log.records(cycle_id))
         if not state.milled:
-            if not at_mill:
+            if at_mill:
+                # interrupted at the gun (or started there): only the tilt may be missing
+                if abs(here.tilt_deg - self.plan.mill_tilt_deg) > self.plan.tilt_tolerance_deg:
+                    self._move(cycle_id, "tilt to glancing angle", tilt_deg=self.plan.mill_tilt_deg)
+            else:
                 self.check_preconditions(here)
                 self._go_to_mill_position(cycle_id)
             self._mill(cycle_id, state)

@@ -291,3 +291,33 @@ def test_continuous_rotation_cycle(tmp_path):
     state = MillingCycle(m.stage, make_gun(m.clock, target), plan, tmp_path / "m.jsonl").run("c")
     assert state.beam_s_done == pytest.approx(40.0) and target.calls == 4
     assert [round(p.rotation_deg) for p in target.positions] == [10, 40, 70, 100]
+
+
+def test_crash_in_the_last_exposure_then_partial_return_resumes_safely(tmp_path):
+    m = open_microscope("setup_a")
+    plan = make_plan(mill_time_s=30.0)
+    target = SimIonTarget(m, plan, MillRateModel(), fail_on_call=3)
+    log = tmp_path / "mill.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        MillingCycle(m.stage, make_gun(m.clock, target), plan, log).run("c")
+    m.stage.move_to(tilt_deg=12.0)                     # the return had begun: half tilted, still at the gun
+    target.fail_on_call = None
+    state = MillingCycle(m.stage, make_gun(m.clock, target), plan, log).run("c")
+    assert state.finished and target.calls == 3         # the cut-off exposure counts as delivered
+    assert state.beam_s_done == pytest.approx(30.0)
+    assert abs(m.stage.position().tilt_deg) < 0.05
+
+
+def test_outputs_blanker_never_scans_while_blanked():
+    from hardware.clock import VirtualClock
+
+    driver = RecordingScanDriver()
+    cal = ScanCalibration(AxisCalibration(1.2e-3), AxisCalibration(1.2e-3))
+    gun = IonGun(driver, ScanOutputsBlanker(driver), cal, CURRENT_A, VirtualClock())
+    gun.set_field(12e-3, 6e-3)
+    assert not driver.outputs_on and gun.is_blanked()
+    seen = []
+    gun.on_exposure = lambda *a: seen.append(driver.outputs_on)
+    gun.expose(1.0)
+    assert seen == [True] and not driver.outputs_on
+    assert driver.scan == pytest.approx((100.0, 1.0, 10.0, 5.0))

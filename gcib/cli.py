@@ -14,6 +14,7 @@ _DEFAULTS = CampaignParameters()
 
 def register(subparsers) -> None:
     _register_estimate(subparsers)
+    _register_mill_time(subparsers)
     _register_mill_rate(subparsers)
     _register_flatten(subparsers)
 
@@ -81,6 +82,44 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         print()
     else:
         print(est.to_text())
+    return 0
+
+
+# ----------------------------------------------------------------------------- mill-time
+def _register_mill_time(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mill-time", help="beam time to mill a depth, from the dose-dependent mill-rate table",
+        description="Mill rate from Schubert 2022 Table 2.1 (Corgon-18, 10 kV, 30 deg), PCHIP-interpolated in "
+                    "log rate over the irradiation dose; doses beyond the table are refused.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--depth-nm", type=float, required=True)
+    p.add_argument("--dose-ev-per-cm3", type=float, required=True, help="prior electron irradiation")
+    p.add_argument("--current-na", type=float, default=38.0, help="ion beam current")
+    p.add_argument("--field-mm", type=float, nargs=2, default=(22.0, 22.0), metavar=("W", "H"),
+                   help="scanned field")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_mill_time)
+
+
+def _cmd_mill_time(args: argparse.Namespace) -> int:
+    model = MillRateModel()
+    dose = ev_per_cm3_to_j_per_m3(args.dose_ev_per_cm3)
+    area = args.field_mm[0] * args.field_mm[1] * 1e-6
+    current = args.current_na * 1e-9
+    result = {
+        "depth_nm": args.depth_nm, "dose_ev_per_cm3": args.dose_ev_per_cm3, "current_a": current, "area_m2": area,
+        "volume_per_charge_m3_per_c": model.volume_per_charge_m3_per_c(dose),
+        "volume_rate_um3_per_s": model.volume_rate_m3_per_s(dose, current) * 1e18,
+        "depth_rate_nm_per_s": model.depth_rate_m_per_s(dose, current, area) * 1e9,
+        "mill_time_s": model.mill_time_s(args.depth_nm * 1e-9, dose, current, area),
+    }
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print(f"{result['volume_rate_um3_per_s']:.4g} um^3/s ({result['volume_per_charge_m3_per_c'] * 1e8:.4g} e-8 "
+              f"m^3/C), {1 / result['depth_rate_nm_per_s']:.4g} s/nm over {area * 1e6:g} mm^2: "
+              f"{result['mill_time_s']:.4g} s for {args.depth_nm:g} nm")
     return 0
 
 

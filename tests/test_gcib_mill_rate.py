@@ -154,3 +154,16 @@ def test_bad_irradiation_geometry_is_refused():
     with pytest.raises(LimitError, match="irradiation current"):
         irradiation_time_s(1e14, 0.0, 5e3, 1e-4, 1e-7)
     assert math.isfinite(irradiation_time_s(0.0, 1e-6, 5e3, 1e-4, 1e-7))
+
+
+def test_mill_time_command(capsys):
+    from acquisition.cli import main
+
+    # 200 nm at 0.25e27 eV/cm^3 over the 7885 um field took 10080 s in the thesis
+    assert main(["mill-time", "--depth-nm", "200", "--dose-ev-per-cm3", "2.5e26", "--field-mm", "7.885", "7.885",
+                 "--json"]) == 0
+    import json
+    d = json.loads(capsys.readouterr().out)
+    assert d["mill_time_s"] == pytest.approx(10080, rel=2e-3)
+    assert main(["mill-time", "--depth-nm", "20", "--dose-ev-per-cm3", "-1"]) == 2
+    assert "irradiation dose" in capsys.readouterr().err

@@ -104,6 +104,16 @@ class DeepFocusEstimator(Estimator):
         self.model = model.to(self.device).eval()
         self.model_id = model_id or str(self.meta.get("arch", "model"))
         self.perturbation_m = float(self.meta.get("perturbation_um", 5.0)) * 1e-6
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # TorchScript optimises on its first calls: pay that at load, not in the first correction
+        p = self.settings.patch_px
+        x = torch.zeros(self.settings.n_patches, 2, p, p, device=self.device)
+        x[:, :, ::7, ::5] = 1.0
+        with torch.no_grad():
+            for _ in range(3):
+                self.model(x, 10.0)
 
     # ------------------------------------------------------------------ checks
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:

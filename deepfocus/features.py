@@ -71,16 +71,28 @@ class SpectralFrontEnd(nn.Module):
         return out.reshape(b, 3, self.n_r, self.n_theta)
 
 
+_BANDS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _bands(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (h, w)
+    if key not in _BANDS:
+        fy = torch.fft.fftfreq(h).abs().unsqueeze(1)
+        fx = torch.fft.rfftfreq(w).unsqueeze(0)
+        f = torch.sqrt(fx * fx + fy * fy)
+        low = ((f > 0) & (f < 0.08)).float()
+        high = (f > 0.4).float()
+        _BANDS[key] = (low / low.sum(), high / high.sum())
+    return _BANDS[key]
+
+
 def structure_ratio(patch: torch.Tensor) -> torch.Tensor:
     """Low- over high-frequency power of (N, H, W) patches: about 1 for white noise or a constant image."""
     n, h, w = patch.shape
     x = patch - patch.mean(dim=(1, 2), keepdim=True)
-    power = torch.fft.rfft2(x).abs() ** 2
-    fy = torch.fft.fftfreq(h).abs().unsqueeze(1)
-    fx = torch.fft.rfftfreq(w).unsqueeze(0)
-    f = torch.sqrt(fx * fx + fy * fy)
-    low = (f > 0) & (f < 0.08)
-    high = f > 0.4
-    lo = (power * low).sum(dim=(1, 2)) / low.sum()
-    hi = (power * high).sum(dim=(1, 2)) / high.sum()
+    spec = torch.fft.rfft2(x)
+    power = spec.real * spec.real + spec.imag * spec.imag
+    low, high = _bands(h, w)
+    lo = (power * low).sum(dim=(1, 2))
+    hi = (power * high).sum(dim=(1, 2))
     return lo / hi.clamp(min=1e-20)

@@ -119,6 +119,19 @@ def evaluate(model: SpectralNet, feats: torch.Tensor, targets: torch.Tensor) -> 
             "slope_wd_1_20um": fidelity_slope(c[:, 0], t[:, 0]), "n_groups": int(g)}
 
 
+def freeze_all_but_last_three(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Recalibration (thesis): only ``fc1``-``fc3`` learn; returns the parameters left trainable."""
+    names = ("fc1.", "fc2.", "fc3.")
+    keep = []
+    for n, p in model.named_parameters():
+        p.requires_grad = n.startswith(names)
+        if p.requires_grad:
+            keep.append(p)
+    if not keep:
+        raise ValueError(f"{type(model).__name__} has no fc1-fc3 layers to fine-tune")
+    return keep
+
+
 def export(model: SpectralNet, path: Path, meta: dict) -> None:
     model = model.eval()
     scripted = torch.jit.script(model)

@@ -150,3 +150,12 @@ def test_the_shipped_model_exists_and_loads():
     est = load_estimator()
     assert DEFAULT_MODEL.stat().st_size < 10e6
     assert abs(est.perturbation_m - 5e-6) < 1e-9
+
+
+def test_device_is_picked_automatically_and_a_missing_gpu_is_an_error():
+    from deepfocus.estimator import pick_device
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            pick_device("cuda")

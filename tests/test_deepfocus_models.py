@@ -98,3 +98,12 @@ def test_export_carries_metadata(tmp_path):
     export(SpectralNet(), path, {"arch": "spectral", "perturbation_um": 5.0})
     assert read_meta(path)["perturbation_um"] == 5.0
     assert json.dumps(read_meta(path))
+
+
+@pytest.mark.parametrize("arch", ["baseline", "spectral"])
+def test_recalibration_trains_only_the_last_three_layers(arch):
+    from deepfocus.train import freeze_all_but_last_three
+    model = build(arch)
+    keep = freeze_all_but_last_three(model)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc1", "fc2", "fc3"} and len(keep) == 6

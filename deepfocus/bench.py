@@ -129,6 +129,38 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return {"config": cfg_dict, "methods": results}
 
 
+def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: tuple[float, float] = (1.0, 20.0),
+             stig_range: float = 2.0) -> dict:
+    """Single-iteration fidelity (thesis fig.): predicted vs true wd correction from one pair."""
+    from .autofocus import acquire_pair
+    rng = np.random.default_rng(cfg.seed + 7)
+    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    est = None
+    true, pred = [], []
+    for i in range(n):
+        scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
+                                specimen=specimens[i % len(specimens)])
+        if est is None:
+            est = make_method(method, scope.config, cfg.model)
+        sem = scope.sem
+        sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
+                     dwell_s=cfg.dwell_ns * 1e-9)
+        z = rng.uniform(*wd_range_um) * rng.choice([-1, 1])
+        ts = scope.sim.true_stig()
+        ds = rng.uniform(-stig_range, stig_range, 2)
+        sem.set_stig(float(ts[0] + ds[0]), float(ts[1] + ds[1]))
+        sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
+        d = est.perturbation_m
+        minus, plus = acquire_pair(sem, d)
+        c = est.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
+        true.append(-(minus.metadata["truth"]["defocus_um"] + plus.metadata["truth"]["defocus_um"]) / 2)
+        pred.append(c.wd_um)
+    t, p = np.array(true), np.array(pred)
+    slope, offset = np.polyfit(t, p, 1)
+    return {"method": method, "n": n, "slope": float(slope), "offset_um": float(offset),
+            "mae_wd_um": float(np.abs(p - t).mean()), "pairs": [[float(a), float(b)] for a, b in zip(t, p)]}
+
+
 def plot(result: dict, path: Path) -> None:
     """Convergence traces (MAE wd and share within margin per iteration) as a PNG, drawn with OpenCV."""
     import cv2

@@ -112,6 +112,14 @@ def bench_command(args) -> int:
                       trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
                       start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
                       margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed)
+    if args.fidelity:
+        from .bench import fidelity
+        res = {"fidelity": fidelity(cfg, args.fidelity, cfg.methods[0])}
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(res, indent=1))
+        print(json.dumps({k: v for k, v in res["fidelity"].items() if k != "pairs"}))
+        return EXIT_OK
     res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
     if args.json:
         write(res, Path(args.json))
@@ -193,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--margin-wd-um", type=float, default=1.0)
     b.add_argument("--margin-stig", type=float, default=0.25)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--fidelity", type=int, default=0, metavar="N",
+                   help="instead: single-iteration fidelity of the first method over N pairs (|wd| 1-20 um)")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
 

@@ -108,6 +108,17 @@ class WaferConfig:
     section_height_sd_um: float = 0.3         # per-section surface height scatter (mounting)
     position_jitter_mm: float = 0.5
     orientation_sd_deg: float = 8.0
+    irradiation_ev_per_cm3: float = 0.5e27    # electron pre-irradiation of every section (slows milling)
+    mill_inhomogeneity: float = 0.08          # s.d. of the relative local mill rate across a section
+
+
+@dataclass
+class IonBeamConfig:
+    """The simulated ion gun's truth: what calibration and the mill-rate model have to find."""
+    current_na: float = 38.0
+    field_m_per_vpp: list = field(default_factory=lambda: [1.1e-3, 1.05e-3])  # field edge per Vpp (x, y)
+    mill_position_mm: list = field(default_factory=lambda: [40.0, 0.0])       # stage xy that puts wafer (0, 0) on the ion axis
+    rate_scale: float = 1.0                   # multiplies the Table 2.1 rates (gun-to-gun differences)
 
 
 @dataclass
@@ -148,6 +159,7 @@ class MicroscopeConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     stage: StageConfig = field(default_factory=StageConfig)
     wafer: WaferConfig = field(default_factory=WaferConfig)
+    ion_beam: IonBeamConfig = field(default_factory=IonBeamConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: str = ""                          # where the profile was read from (filled in by the loader)
@@ -297,6 +309,8 @@ def validate(cfg: MicroscopeConfig) -> None:
         "stage.tilt_speed_deg_per_s": cfg.stage.tilt_speed_deg_per_s,
         "stage.rotation_speed_deg_per_s": cfg.stage.rotation_speed_deg_per_s,
         "limits.wd_step_um": cfg.limits.wd_step_um,
+        "ion_beam.current_na": cfg.ion_beam.current_na,
+        "ion_beam.rate_scale": cfg.ion_beam.rate_scale,
         "calibration.stig_scale_um_per_unit": cfg.calibration.stig_scale_um_per_unit,
     }
     for key, v in positive.items():
@@ -331,6 +345,12 @@ def validate(cfg: MicroscopeConfig) -> None:
     _check_pair("limits.frame_px", cfg.limits.frame_px, 1.0)
     if len(cfg.stigmator.true_center) != 2:
         raise ConfigError(f"stigmator.true_center must be [x, y], got {cfg.stigmator.true_center}")
+    if len(cfg.ion_beam.field_m_per_vpp) != 2 or min(cfg.ion_beam.field_m_per_vpp) <= 0:
+        raise ConfigError(f"ion_beam.field_m_per_vpp must be two positive numbers, got {cfg.ion_beam.field_m_per_vpp}")
+    if len(cfg.ion_beam.mill_position_mm) != 2:
+        raise ConfigError(f"ion_beam.mill_position_mm must be [x, y], got {cfg.ion_beam.mill_position_mm}")
+    if cfg.wafer.irradiation_ev_per_cm3 < 0 or cfg.wafer.mill_inhomogeneity < 0:
+        raise ConfigError("wafer.irradiation_ev_per_cm3 and wafer.mill_inhomogeneity must not be negative")
     for key in ("tilt_um_per_mm", "section_pitch_mm", "section_size_mm"):
         if len(getattr(cfg.wafer, key)) != 2:
             raise ConfigError(f"wafer.{key} must have two entries, got {getattr(cfg.wafer, key)}")

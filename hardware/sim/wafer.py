@@ -31,6 +31,8 @@ class Section:
     height_offset_m: float
     specimen_origin_m: tuple[float, float]   # where the section's centre lies in the specimen's coordinates
     stig_center: tuple[float, float]         # stigmator setting that cancels the astigmatism here (charging)
+    irradiation_ev_per_cm3: float = 0.0
+    mill_rate_map: np.ndarray = field(default_factory=lambda: np.ones((MILL_GRID, MILL_GRID), np.float32))
     removed_m: np.ndarray = field(default_factory=lambda: np.zeros((MILL_GRID, MILL_GRID), np.float32))
 
     def to_local(self, x_m, y_m):
@@ -65,6 +67,14 @@ class Section:
         self.removed_m = np.minimum(self.removed_m + np.asarray(depth_m, np.float32), np.float32(self.thickness_m))
 
 
+def _inhomogeneity(rng: np.random.Generator, sd: float) -> np.ndarray:
+    """Smooth relative mill-rate map (mean 1) over a section: cluster flux and section surface vary."""
+    coarse = rng.standard_normal((5, 5)).astype(np.float32)
+    smooth = cv2.resize(coarse, (MILL_GRID, MILL_GRID), interpolation=cv2.INTER_CUBIC)
+    smooth /= smooth.std() + 1e-6
+    return np.clip(1.0 + sd * smooth, 0.2, None).astype(np.float32)
+
+
 class VirtualWafer:
     """Sections laid out in rows and columns with per-section scatter, on a tilted, bowed wafer."""
 
@@ -94,6 +104,8 @@ class VirtualWafer:
                     specimen_origin_m=(float(rng.uniform(-2e-6, 2e-6)), float(rng.uniform(-2e-6, 2e-6))),
                     stig_center=(float(stig_center[0] + rng.normal(0, stig_spread)),
                                  float(stig_center[1] + rng.normal(0, stig_spread))),
+                    irradiation_ev_per_cm3=cfg.irradiation_ev_per_cm3,
+                    mill_rate_map=_inhomogeneity(rng, cfg.mill_inhomogeneity),
                 ))
 
     def surface_height_m(self, x_m: float, y_m: float) -> float:

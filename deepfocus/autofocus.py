@@ -41,6 +41,11 @@ class AutofocusSettings:
     scan: ScanSettings | None = None       # scan for the focus frames (restored afterwards)
     restore_on_failure: bool = True
     correct_stig: bool = True
+    # The loop knows the wd step it applied, so the ratio of two consecutive predictions reveals
+    # the estimator's scale error on this microscope and specimen: divide it out from then on.
+    learn_gain: bool = True
+    gain_min_step_m: float = 4e-6          # only steps this large say anything about the scale
+    gain_limits: tuple[float, float] = (0.6, 1.6)
 
 
 @dataclass
@@ -56,6 +61,7 @@ class IterationRecord:
     dose_e_per_nm2: float          # cumulative
     compute_s: float
     frames: int
+    wd_gain: float = 1.0           # scale of the estimator's wd answers assumed for this step
 
 
 @dataclass
@@ -119,6 +125,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     trace: list[IterationRecord] = []
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
+    gain, last_pred_um, last_step_um = 1.0, None, None
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
@@ -162,10 +169,17 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                                              step_compute, len(frames)))
                 outcome, message = "uncertain", f"iteration {it}: correction refused ({reason})"
                 break
-            dwd = _clip(corr.wd_um * 1e-6, s.max_step_wd_m)
+            if s.learn_gain and last_step_um is not None and abs(last_step_um) >= s.gain_min_step_m * 1e6:
+                # pred = g * true: pred_now = pred_before - g * step  =>  g = (pred_before - pred_now) / step
+                g = (last_pred_um - corr.wd_um) / last_step_um
+                gain = float(min(max(g, s.gain_limits[0]), s.gain_limits[1]))
+            dwd = _clip(corr.wd_um / gain * 1e-6, s.max_step_wd_m)
+            # a clipped step says nothing trustworthy about the scale
+            unclipped = abs(dwd) >= abs(corr.wd_um / gain * 1e-6) - 1e-12
+            last_pred_um, last_step_um = corr.wd_um, (dwd * 1e6 if unclipped else None)
             dsx = _clip(corr.stig_x, s.max_step_stig) if s.correct_stig else 0.0
             dsy = _clip(corr.stig_y, s.max_step_stig) if s.correct_stig else 0.0
-            clipped = (dwd, dsx, dsy) != (corr.wd_um * 1e-6, corr.stig_x, corr.stig_y) and s.correct_stig
+            clipped = not unclipped or (dsx, dsy) != (corr.stig_x, corr.stig_y)
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
             if abs(new_wd - start_wd) > s.max_total_wd_m:
                 raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "
@@ -174,7 +188,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             if s.correct_stig:
                 sem.set_stig(*new_stig)
             rec = IterationRecord(it, wd, stig, corr.to_dict(), new_wd, new_stig, clipped, elapsed(), dose,
-                                  step_compute, len(frames))
+                                  step_compute, len(frames), gain)
             trace.append(rec)
             if on_iteration is not None:
                 on_iteration(rec)

@@ -104,3 +104,12 @@ def test_shipped_model_converges_from_a_moderate_aberration(profile, start_um, s
     wd_err, stig_err = _truth(scope)
     assert res.ok, res.message
     assert wd_err < 1.0 and stig_err.max() < 0.25, (wd_err, stig_err, res.trace)
+
+
+def test_a_consistent_scale_error_is_learned_and_divided_out(small_scope):
+    # an estimator that answers 0.7 x the truth: 10 -> applied 10 (true 14.3), leaving 4.3 true -> says 3.0
+    sem = small_scope.sem
+    wd0 = sem.get_wd_m()
+    res = autofocus(sem, Scripted([corr(10.0), corr(3.0), corr(0.0)]), AutofocusSettings(max_iterations=3))
+    assert res.trace[1].wd_gain == pytest.approx(0.7)
+    assert (sem.get_wd_m() - wd0) * 1e6 == pytest.approx(10.0 + 3.0 / 0.7, abs=1e-6)

@@ -5,6 +5,7 @@ the way the estimator calls the model; ``deepfocus speed`` prints the table.
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,7 +46,10 @@ def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n
             model = build(arch).eval()
             variants = {"eager": model, "torchscript": torch.jit.script(model)}
             if arch != "spectral":
-                variants["channels_last"] = model.to(memory_format=torch.channels_last_3d)
+                try:
+                    variants["channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+                except RuntimeError:
+                    pass            # layers that have no channels-last layout (2-D heads)
             else:
                 variants["int8_linear"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                                                  dtype=torch.qint8)

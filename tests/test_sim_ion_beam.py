@@ -108,3 +108,32 @@ def test_mill_rate_estimated_from_a_simulated_milled_stack_matches_the_truth(rig
     assert result.pixels_used > 0.9 * n * n
     assert abs(est - true_per_cycle) <= sd, (est, sd, true_per_cycle)
     assert est == pytest.approx(true_per_cycle, rel=0.05)
+
+
+def test_a_full_milling_cycle_through_the_emulated_generator_mills_every_section_under_the_field(rig, tmp_path):
+    from gcib.milling import AzimuthSchedule, MillingCycle, MillingPlan
+    from hardware.stage import StagePosition
+
+    scope, emu, wfg, beam = rig
+    mx, my = (v * 1e-3 for v in scope.config.ion_beam.mill_position_mm)
+    plan = MillingPlan(mill_position=StagePosition(x_m=mx, y_m=my, z_m=1e-3), travel_z_m=-2e-3,
+                       field_m=(14e-3, 14e-3), schedule=AzimuthSchedule(mill_time_s=360.0))
+    gun = gun_for(scope, wfg, beam, scope.config.ion_beam.field_m_per_vpp)
+    state = MillingCycle(scope.stage, gun, plan, tmp_path / "mill.jsonl").run("cycle-1")
+    assert state.finished
+    assert not emu.snapshot().channel(1).output_on or gun.is_blanked()
+    # three azimuths: the square field turns over the wafer, so the milled area is their union;
+    # every section within the field's inscribed circle got the full 360 s of beam
+    nominal = volume_per_charge_m3_per_c(0.5e27) * 38e-9 * 360.0 / (14e-3 * 14e-3)
+    full = outside = 0
+    for sec in scope.sim.wafer.sections:
+        r = np.hypot(*sec.center_m) + 0.5 * np.hypot(*sec.size_m)
+        got = float(sec.removed_m.mean() / sec.mill_rate_map.mean())
+        if r < 7e-3:
+            assert got == pytest.approx(nominal, rel=1e-3)
+            full += 1
+        elif np.hypot(*sec.center_m) - 0.5 * np.hypot(*sec.size_m) > 7e-3 * np.sqrt(2):
+            assert got == 0.0
+            outside += 1
+    assert full >= 2 and outside >= 50
+    assert beam.charge_delivered_c == pytest.approx(38e-9 * 360.0, rel=1e-6)

@@ -1,4 +1,5 @@
-"""``gcibsem`` sub-commands of the GCIB package: campaign estimate, mill rate from a stack, flattening."""
+"""``gcibsem`` sub-commands of the GCIB package: campaign estimate, mill rate from a stack, flattening,
+one milling cycle from the microscope's profile."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ def register(subparsers) -> None:
     _register_mill_time(subparsers)
     _register_mill_rate(subparsers)
     _register_flatten(subparsers)
+    _register_mill_cycle(subparsers)
 
 
 # ----------------------------------------------------------------------------- estimate-campaign
@@ -215,3 +217,187 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: {n_out} slices of {flat.shape[1]} x {flat.shape[2]} px, z step {z_text}; "
           f"{through} of {raw.size} pixel columns milled through")
     return 0
+
+
+# ----------------------------------------------------------------------------- mill-cycle
+def _register_mill_cycle(subparsers) -> None:
+    from hardware.cli import add_profile_arguments
+
+    p = subparsers.add_parser(
+        "mill-cycle", help="run (or resume) one GCIB milling cycle configured by the profile's ion_gun section",
+        description="Move the wafer under the ion gun, mill through the azimuth schedule and come back, with the "
+                    "scan generator, calibration, blanker and plan from the profile's ion_gun section. Every step "
+                    "goes to --log; running again with the same --log and --cycle-id resumes an interrupted cycle "
+                    "without milling twice and does nothing for a finished one. On a simulated microscope without "
+                    "a URL the scan generator is an in-process 33522A emulator that the simulated ion beam reads.")
+    add_profile_arguments(p)
+    p.add_argument("--log", type=Path, required=True, help="JSON-lines milling log (appended to)")
+    p.add_argument("--cycle-id", required=True, help="name of this cycle in the log, e.g. slice-0042")
+    p.add_argument("--url", default=None,
+                   help="pyserial URL of the 33522A scan generator (default: ion_gun.waveform_url)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_mill_cycle)
+
+
+def _scan_state_via_driver(driver):
+    """What the simulated ion beam reads when the generator is not in this process: the amplitudes read back."""
+    from hardware.sim.ion_beam import ScanState
+
+    def read() -> ScanState:
+        x, y = driver.status()
+        return ScanState(x.amplitude_vpp, y.amplitude_vpp, x.output_on and y.output_on)
+    return read
+
+
+def _check_same_plan(records: list, cycle_id: str, log: Path, plan_dict: dict) -> None:
+    """A cycle resumes with the plan it started with, or the log's charge and beam time stop meaning anything."""
+    from hardware.errors import ConfigError
+
+    start = next((r for r in records if r["step"] == "start"), None)
+    if start is None or start.get("plan") == plan_dict:
+        return
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+    logged, now = flat(start["plan"]), flat(plan_dict)
+    diffs = [f"{k}: logged {logged.get(k)!r}, profile {now.get(k)!r}" for k in sorted(set(logged) | set(now))
+             if logged.get(k) != now.get(k)]
+    raise ConfigError(f"cycle {cycle_id!r} in {log} was started with another plan ({'; '.join(diffs)}); resume it "
+                      "with the profile it started with, or start a new --cycle-id")
+
+
+def _sections_under_field(sim, plan, calibration) -> list:
+    """Sections inside the true field at every azimuth: within its inscribed circle, around the true centre."""
+    import math
+
+    truth = sim.cfg.ion_beam
+    x_vpp, y_vpp = calibration.vpp_for_field(*plan.field_m)
+    radius = 0.5 * min(x_vpp * truth.field_m_per_vpp[0], y_vpp * truth.field_m_per_vpp[1])
+    cx = plan.mill_position.x_m - truth.mill_position_mm[0] * 1e-3
+    cy = plan.mill_position.y_m - truth.mill_position_mm[1] * 1e-3
+    return [s for s in sim.wafer.sections
+            if math.hypot(s.center_m[0] - cx, s.center_m[1] - cy) + 0.5 * math.hypot(*s.size_m) <= radius]
+
+
+def _cmd_mill_cycle(args: argparse.Namespace) -> int:
+    import contextlib
+    import time
+
+    from hardware.config import load_profile
+    from hardware.errors import ConfigError
+    from hardware.factory import open_microscope
+    from hardware.instruments.emulator_33522a import Emulated33522A
+    from hardware.instruments.waveform_33522a import Waveform33522A
+
+    from .config import blanker_from_config, calibration_from_config, gun_from_config, plan_from_config
+    from .ion_gun import SerialRTSBlanker
+    from .milling import MillingCycle, MillingLog, cycle_state
+
+    # everything that can be refused is refused here, before the stage or the instrument is touched
+    cfg = load_profile(args.profile, args.overrides)
+    plan = plan_from_config(cfg)
+    calibration = calibration_from_config(cfg)
+    simulated = cfg.backend == "sim"
+    url = args.url or cfg.ion_gun.waveform_url
+    if not url and not simulated:
+        raise ConfigError(f"profile {cfg.name!r} (backend {cfg.backend!r}) names no scan generator: set "
+                          "ion_gun.waveform_url (e.g. --set ion_gun.waveform_url=socket://HOST:5025) or pass --url")
+    log = MillingLog(args.log)
+    records = log.records(args.cycle_id)
+    _check_same_plan(records, args.cycle_id, args.log, json.loads(json.dumps(plan.to_dict())))
+    before = cycle_state(records)
+
+    scope = open_microscope(cfg)
+    wall0, clock0 = time.monotonic(), scope.clock.now_s()
+    removed_before = None
+    with contextlib.ExitStack() as stack:
+        emulator = None
+        if not url:
+            emulator = stack.enter_context(Emulated33522A())
+        driver = stack.enter_context(Waveform33522A(url or emulator.url))
+        beam = None
+        if simulated:
+            from hardware.sim.ion_beam import SimulatedIonBeam, scan_state_from_33522a
+
+            beam = SimulatedIonBeam(scope.sim, scan_state_from_33522a(emulator) if emulator
+                                    else _scan_state_via_driver(driver))
+            removed_before = [s.removed_m.copy() for s in scope.sim.wafer.sections]
+        blanker = blanker_from_config(cfg, driver)
+        if isinstance(blanker, SerialRTSBlanker):
+            stack.callback(blanker.port.close)
+        gun = gun_from_config(cfg, driver, scope.clock, on_exposure=beam, blanker=blanker)
+        try:
+            after = MillingCycle(scope.stage, gun, plan, log).run(args.cycle_id)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                gun.shutdown()
+            print(f"gcibsem mill-cycle: interrupted; the beam is blanked. Run the same command again to resume "
+                  f"cycle {args.cycle_id!r} from {args.log}", file=sys.stderr)
+            return 130
+        except BaseException:
+            with contextlib.suppress(Exception):
+                gun.shutdown()
+            raise
+        gun.shutdown()
+
+    records = log.records(args.cycle_id)
+    start = next(r for r in records if r["step"] == "start")
+    ended = [r for r in records if r["step"] == "expose-end"]
+    x_vpp, y_vpp = calibration.vpp_for_field(*plan.field_m)
+    status = ("already finished, nothing done" if before.finished
+              else "resumed and finished" if before.started else "finished")
+    summary = {
+        "profile": cfg.name, "cycle_id": args.cycle_id, "log": str(args.log),
+        "scan_generator": url or f"{emulator.url} (in-process 33522A emulator)", "status": status,
+        "beam_s": after.beam_s_done, "charge_c": after.charge_c,
+        "beam_s_this_run": after.beam_s_done - before.beam_s_done,
+        "charge_c_this_run": after.charge_c - before.charge_c,
+        "current_a": start.get("ion_current_a", gun.current_a),
+        "field_m": list(plan.field_m), "area_m2": plan.field_m[0] * plan.field_m[1], "scan_vpp": [x_vpp, y_vpp],
+        "glancing_angle_deg": plan.glancing_angle_deg,
+        "azimuths_deg": sorted({round(r["azimuth_deg"], 6) for r in ended}), "exposures": after.exposures_done,
+        "wall_s": time.monotonic() - wall0, "clock_s": scope.clock.now_s() - clock0,
+        "clock": "virtual" if scope.clock.is_virtual else "real",
+    }
+    if simulated:
+        import numpy as np
+
+        sections = scope.sim.wafer.sections
+        depth = {s.index: float(np.mean(s.removed_m - removed_before[k])) for k, s in enumerate(sections)}
+        under = _sections_under_field(scope.sim, plan, calibration)
+        summary["simulated"] = {
+            "sections_under_field": [s.index for s in under],
+            "depth_mean_m": float(np.mean([depth[s.index] for s in under])) if under else 0.0,
+            "sections_milled": sum(1 for d in depth.values() if d > 0),
+            "charge_c_true": beam.charge_delivered_c,
+        }
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        print(_mill_cycle_text(summary))
+    return 0
+
+
+def _mill_cycle_text(s: dict) -> str:
+    az = ", ".join(f"{a:g}" for a in s["azimuths_deg"]) or "none"
+    lines = [
+        f"cycle {s['cycle_id']} ({s['profile']}): {s['status']}",
+        f"beam      {s['beam_s']:g} s, charge {s['charge_c'] * 1e6:.4g} uC at {s['current_a'] * 1e9:g} nA "
+        f"(this run: {s['beam_s_this_run']:g} s, {s['charge_c_this_run'] * 1e6:.4g} uC)",
+        f"field     {s['field_m'][0] * 1e3:g} x {s['field_m'][1] * 1e3:g} mm ({s['scan_vpp'][0]:.4g} x "
+        f"{s['scan_vpp'][1]:.4g} Vpp), glancing angle {s['glancing_angle_deg']:g} deg",
+        f"azimuths  {az} deg, {s['exposures']} exposures",
+        f"duration  wall {s['wall_s']:.3g} s, {s['clock']} clock {s['clock_s']:.4g} s",
+        f"scan gen  {s['scan_generator']}",
+        f"log       {s['log']}",
+    ]
+    sim = s.get("simulated")
+    if sim is not None:
+        lines.append(f"simulated mean depth milled {sim['depth_mean_m'] * 1e9:.4g} nm on the "
+                     f"{len(sim['sections_under_field'])} sections under the field at every azimuth "
+                     f"({sim['sections_milled']} sections milled in all)")
+    return "\n".join(lines)

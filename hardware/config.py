@@ -122,6 +122,41 @@ class IonBeamConfig:
 
 
 @dataclass
+class IonGunConfig:
+    """What the control software knows about the ion gun (measured, not the simulator's ``ion_beam`` truth).
+
+    The scan calibration is one straight line per axis, field edge = slope * Vpp +
+    offset, as fitted from washer scans (``gcib.ion_gun.ScanCalibration.fit``).
+    ``blanker``: ``outputs`` switches the scan outputs off (only where the parked
+    beam falls on a dump), ``rts`` drives a TTL blanker from ``blanker_port``'s RTS
+    line, ``none`` means the beam is switched at the gun itself.
+    """
+    waveform_url: str = ""                    # pyserial URL of the scan generator; empty: none configured
+    current_na: float = 38.0                  # measured beam current (Faraday cup)
+    calibration_m_per_vpp: list = field(default_factory=lambda: [1.1e-3, 1.05e-3])  # field edge per Vpp (x, y)
+    calibration_offset_m: list = field(default_factory=lambda: [0.0, 0.0])          # field edge at 0 Vpp (x, y)
+    x_hz: float = 100.0                       # fast sawtooth
+    y_hz: float = 1.0                         # slow sawtooth
+    blanker: str = "outputs"
+    blanker_port: str = ""                    # serial port (pyserial URL) whose RTS line blanks, for blanker: rts
+    blanker_rts_blanks_high: bool = True      # RTS level that blanks the beam
+    # stage x, y that put the wafer centre under the ion field
+    mill_position_mm: list = field(default_factory=lambda: [40.0, 0.0])
+    mill_z_mm: float = 0.0
+    mill_rotation_deg: float = 0.0            # stage rotation of the first azimuth
+    travel_z_mm: float = -2.0                 # z for x/y travel: at or below every working z
+    glancing_angle_deg: float = 30.0
+    gun_elevation_deg: float = 0.0            # beam below horizontal; stage tilt = glancing - elevation
+    field_mm: list = field(default_factory=lambda: [20.0, 20.0])   # scanned field (w, h)
+    mill_time_s: float = 360.0                # beam time per cycle
+    azimuths_deg: list = field(default_factory=lambda: [0.0, 120.0, 240.0])
+    azimuth_dwell_s: float = 10.0
+    continuous: bool = False                  # step the rotation in small increments instead of the azimuths
+    continuous_turn_s: float = 360.0          # beam time per full turn, continuous rotation
+    continuous_step_deg: float = 2.0
+
+
+@dataclass
 class LimitsConfig:
     wd_mm: list = field(default_factory=lambda: [1.0, 12.0])
     pixel_size_nm: list = field(default_factory=lambda: [0.5, 2000.0])
@@ -160,6 +195,7 @@ class MicroscopeConfig:
     stage: StageConfig = field(default_factory=StageConfig)
     wafer: WaferConfig = field(default_factory=WaferConfig)
     ion_beam: IonBeamConfig = field(default_factory=IonBeamConfig)
+    ion_gun: IonGunConfig = field(default_factory=IonGunConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     source: str = ""                          # where the profile was read from (filled in by the loader)
@@ -171,6 +207,11 @@ class MicroscopeConfig:
 # ----------------------------------------------------------------------------- loading
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is Any:
+        return value
+    if typ is bool:
+        # YAML's own true/false only: 0/1 or "yes" in a safety-related switch is more likely a slip
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -354,6 +395,7 @@ def validate(cfg: MicroscopeConfig) -> None:
     for key in ("tilt_um_per_mm", "section_pitch_mm", "section_size_mm"):
         if len(getattr(cfg.wafer, key)) != 2:
             raise ConfigError(f"wafer.{key} must have two entries, got {getattr(cfg.wafer, key)}")
+    _validate_ion_gun(cfg.ion_gun)
     if cfg.clock not in ("virtual", "real"):
         raise ConfigError(f"clock must be 'virtual' or 'real', got {cfg.clock!r}")
     m = cfg.calibration.stig_matrix
@@ -362,3 +404,40 @@ def validate(cfg: MicroscopeConfig) -> None:
               and all(isinstance(v, (int, float)) and math.isfinite(v) for r in m for v in r))
         if not ok:
             raise ConfigError(f"calibration.stig_matrix must be a 2x2 list of numbers, got {m!r}")
+
+
+ION_GUN_BLANKERS = ("outputs", "rts", "none")
+
+
+def _validate_ion_gun(g: IonGunConfig) -> None:
+    # the gun accepts at most 10 uA (IonGun.set_current_a); a GCIB delivers tens of nA
+    if not 0 < g.current_na <= 1e4:
+        raise ConfigError(f"ion_gun.current_na must be in (0, 10000] nA, got {g.current_na:g}")
+    for key in ("x_hz", "y_hz", "azimuth_dwell_s", "continuous_turn_s"):
+        if not getattr(g, key) > 0:
+            raise ConfigError(f"ion_gun.{key} must be positive, got {getattr(g, key):g}")
+    if g.mill_time_s < 0:
+        raise ConfigError(f"ion_gun.mill_time_s must not be negative, got {g.mill_time_s:g}")
+    if not 0 < g.continuous_step_deg <= 180:
+        raise ConfigError(f"ion_gun.continuous_step_deg must be in (0, 180], got {g.continuous_step_deg:g}")
+    if not 0 < g.glancing_angle_deg <= 90:
+        raise ConfigError(f"ion_gun.glancing_angle_deg must be in (0, 90], got {g.glancing_angle_deg:g}")
+    pairs = {"calibration_m_per_vpp": g.calibration_m_per_vpp, "calibration_offset_m": g.calibration_offset_m,
+             "mill_position_mm": g.mill_position_mm, "field_mm": g.field_mm}
+    for key, pair in pairs.items():
+        if len(pair) != 2:
+            raise ConfigError(f"ion_gun.{key} must be [x, y], got {pair}")
+    if min(g.calibration_m_per_vpp) <= 0:
+        raise ConfigError(f"ion_gun.calibration_m_per_vpp must be two positive numbers, got {g.calibration_m_per_vpp}")
+    if min(g.field_mm) <= 0:
+        raise ConfigError(f"ion_gun.field_mm must be two positive numbers, got {g.field_mm}")
+    if not g.azimuths_deg:
+        raise ConfigError("ion_gun.azimuths_deg must list at least one azimuth")
+    if g.travel_z_mm > g.mill_z_mm:
+        raise ConfigError(f"ion_gun.travel_z_mm = {g.travel_z_mm:g} must not lie above ion_gun.mill_z_mm = "
+                          f"{g.mill_z_mm:g}: x/y travel happens at or below the mill height")
+    if g.blanker not in ION_GUN_BLANKERS:
+        raise ConfigError(f"ion_gun.blanker must be one of {', '.join(ION_GUN_BLANKERS)}, got {g.blanker!r}")
+    if g.blanker == "rts" and not g.blanker_port:
+        raise ConfigError("ion_gun.blanker is 'rts' but ion_gun.blanker_port is empty; give the serial port "
+                          "whose RTS line drives the blanker")

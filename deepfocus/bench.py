@@ -81,7 +81,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             method = make_method(name, scope.config, cfg.model)
             p0 = scope.stage.position()
             scope.stage.move_to(x_m=p0.x_m + off[0], y_m=p0.y_m + off[1])
-            scope.sem.set_scan(scan)
+            # keep the profile's scan rotation: the stigmator calibration was folded for it
+            scope.sem.set_scan(pixel_size_m=scan.pixel_size_m, width_px=scan.width_px, height_px=scan.height_px,
+                               dwell_s=scan.dwell_s)
             ts = scope.sim.true_stig()
             scope.sem.set_stig(float(ts[0] + ds[0]), float(ts[1] + ds[1]))
             scope.sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)

@@ -44,11 +44,12 @@ class BenchConfig:
 def make_method(name: str, cfg_micro, model: str | None):
     cal = StigCalibration.from_config(cfg_micro)
     if name == "deepfocus":
-        from .estimator import load_estimator
-        return load_estimator(model, calibration=cal)
+        from .estimator import load_estimator_for
+        return load_estimator_for(cfg_micro, model)
     if name == "mapfost":
         from .methods import MapfostEstimator
-        return MapfostEstimator(cfg_micro.optics.aperture_angle_mrad * 1e-3, cal)
+        # MAPFoSt gets the aperture angle the installation knows, as DeepFocus does
+        return MapfostEstimator(cfg_micro.calibration.aperture_angle_mrad * 1e-3, cal)
     if name == "sweep":
         from .methods import SweepFocus
         return SweepFocus(calibration=cal)

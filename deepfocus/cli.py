@@ -41,23 +41,23 @@ def read_image(path: Path):
     return img
 
 
-def _calibration(args):
+def _estimator_from_args(args):
+    """The shipped or named model, calibrated for ``--profile`` (stigmator units, aperture angle) if given."""
     from hardware.config import load_profile
 
-    from .calibration import StigCalibration
+    from .estimator import load_estimator, load_estimator_for
     if getattr(args, "profile", None):
-        return StigCalibration.from_config(load_profile(args.profile, args.set or []))
-    return None
+        return load_estimator_for(load_profile(args.profile, args.set or []), args.model, device=args.device)
+    return load_estimator(args.model, device=args.device)
 
 
 def predict_command(args) -> int:
     if getattr(args, "connect", None):
         from .service.cli import predict_remote
         return predict_remote(args)
-    from .estimator import load_estimator
     try:
         minus, plus = read_image(args.minus), read_image(args.plus)
-        est = load_estimator(args.model, device=args.device, calibration=_calibration(args))
+        est = _estimator_from_args(args)
         d = args.perturbation_um * 1e-6 if args.perturbation_um is not None else None
         corr = est.estimate(minus, plus, args.pixel_size_nm * 1e-9, d)
     except (OSError, ValueError) as exc:

@@ -66,6 +66,10 @@ class GenConfig:
     dwell_ns: tuple[float, float] = (40.0, 400.0)
     pairs_per_microscope: int = 16
     extra: list[str] = field(default_factory=list)
+    # when set, features are binned in aperture-normalised frequency (alpha k): the pixel size handed
+    # to the front end is p * alpha_ref / alpha, which makes one map layout mean the same aberration
+    # on every aperture angle (the blur depends on alpha |M k| only)
+    alpha_ref_mrad: float | None = None
 
 
 def sample_overrides(rng: np.random.Generator) -> list[str]:
@@ -125,8 +129,9 @@ def sample_aberration(rng: np.random.Generator, cfg: GenConfig) -> tuple[float, 
 
 
 def render_groups(specimen: Specimen, overrides: list[str], n: int, cfg: GenConfig,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """``n`` groups of 4 patch pairs from one microscope: (n, 4, 2, P, P) in [-1, 1], targets (n, 3), pixel nm."""
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``n`` groups of 4 patch pairs from one microscope: (n, 4, 2, P, P) in [-1, 1], targets (n, 3), pixel nm,
+    aperture angle mrad."""
     base = "setup_a" if rng.random() < 0.6 else "setup_b"
     m = open_microscope(base, list(overrides) + list(cfg.extra), specimen=specimen)
     sem, sim, stage = m.sem, m.sim, m.stage
@@ -155,7 +160,14 @@ def render_groups(specimen: Specimen, overrides: list[str], n: int, cfg: GenConf
         for q, (r0, c0) in enumerate(((0, 0), (0, PATCH_PX), (PATCH_PX, 0), (PATCH_PX, PATCH_PX))):
             pairs[i, q, 0] = a[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
             pairs[i, q, 1] = b[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
-    return pairs, targets, p_nm
+    return pairs, targets, p_nm, float(m.config.optics.aperture_angle_mrad)
+
+
+def effective_pixel_size_nm(pixel_size_nm: float, alpha_mrad: float | None, alpha_ref_mrad: float | None) -> float:
+    """Pixel size handed to the spectral front end: scaled by alpha_ref / alpha when the model is normalised."""
+    if alpha_ref_mrad is None or alpha_mrad is None:
+        return pixel_size_nm
+    return pixel_size_nm * alpha_ref_mrad / alpha_mrad
 
 
 def cfg_stig_limit(sem) -> float:
@@ -179,7 +191,8 @@ def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg
         if spec.name not in loaded or loaded[spec.name][0] != spec.slices:
             loaded[spec.name] = (spec.slices, spec.load())
         k = min(cfg.pairs_per_microscope, n_groups - done)
-        pairs, targets, p_nm = render_groups(loaded[spec.name][1], sample_overrides(rng), k, cfg, rng)
+        pairs, targets, p_nm, alpha = render_groups(loaded[spec.name][1], sample_overrides(rng), k, cfg, rng)
+        p_nm = effective_pixel_size_nm(p_nm, alpha, cfg.alpha_ref_mrad)
         for c in range(copies):
             x = augment(pairs, rng) if c > 0 else pairs
             with torch.no_grad():

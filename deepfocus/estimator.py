@@ -100,8 +100,11 @@ class DeepFocusEstimator(Estimator):
 
     def __init__(self, model: torch.nn.Module, meta: dict | None = None, calibration: StigCalibration | None = None,
                  settings: EstimatorSettings | None = None, device: str = "auto", threads: int | None = None,
-                 model_id: str = ""):
+                 model_id: str = "", aperture_angle_mrad: float | None = None):
         self.meta = dict(meta or {})
+        # models trained on aperture-normalised features need the microscope's beam half-angle
+        self.alpha_ref_mrad = self.meta.get("alpha_ref_mrad")
+        self.aperture_angle_mrad = self._check_alpha(aperture_angle_mrad)
         self.settings = settings or EstimatorSettings(patch_px=int(self.meta.get("patch_px", 256)))
         self.calibration = calibration or StigCalibration()
         self.device = pick_device(device)
@@ -122,6 +125,27 @@ class DeepFocusEstimator(Estimator):
                 self.model(x, 10.0)
 
     # ------------------------------------------------------------------ checks
+    @staticmethod
+    def _check_alpha(alpha_mrad: float | None) -> float | None:
+        if alpha_mrad is None:
+            return None
+        if not (isinstance(alpha_mrad, (int, float)) and math.isfinite(alpha_mrad) and 0.3 <= alpha_mrad <= 50):
+            raise ValueError(f"aperture_angle_mrad must be the beam half-angle in mrad (0.3 to 50), "
+                             f"got {alpha_mrad!r}")
+        return float(alpha_mrad)
+
+    def model_pixel_size_nm(self, pixel_size_m: float, aperture_angle_mrad: float | None = None) -> float:
+        """Pixel size handed to the model: scaled by alpha_ref / alpha for aperture-normalised models.
+
+        A model without ``alpha_ref_mrad`` in its metadata sees the plain pixel size; a
+        normalised model given no angle assumes the reference microscope's.
+        """
+        p_nm = float(pixel_size_m) * 1e9
+        alpha = self._check_alpha(aperture_angle_mrad) or self.aperture_angle_mrad
+        if self.alpha_ref_mrad is None or alpha is None:
+            return p_nm
+        return p_nm * float(self.alpha_ref_mrad) / alpha
+
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
         if not (isinstance(pixel_size_m, (int, float)) and math.isfinite(pixel_size_m) and lo <= pixel_size_m <= hi):
@@ -137,10 +161,11 @@ class DeepFocusEstimator(Estimator):
 
     # ------------------------------------------------------------------ estimate
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
-                 perturbation_m: float | None = None) -> Correction:
+                 perturbation_m: float | None = None, aperture_angle_mrad: float | None = None) -> Correction:
         t0 = time.perf_counter()
         a, b, scale, off = check_pair(minus, plus)
         self._check(a.shape, pixel_size_m, perturbation_m)
+        model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
         s = self.settings
         patch = min(s.patch_px, *a.shape)
         offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
@@ -159,7 +184,7 @@ class DeepFocusEstimator(Estimator):
                                    f"(need {s.min_patches}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
         with torch.no_grad():
-            out = self.model(x[torch.from_numpy(valid)].to(self.device), float(pixel_size_m * 1e9)).float().cpu()
+            out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
         t2 = time.perf_counter()
         pred = out.numpy().astype(np.float64)
         w = np.exp(pred[:, 3] - pred[:, 3].max())
@@ -193,7 +218,8 @@ def read_meta(path: Path) -> dict:
 
 
 def load_estimator(path: str | Path | None = None, device: str = "auto", calibration: StigCalibration | None = None,
-                   settings: EstimatorSettings | None = None, threads: int | None = None) -> DeepFocusEstimator:
+                   settings: EstimatorSettings | None = None, threads: int | None = None,
+                   aperture_angle_mrad: float | None = None) -> DeepFocusEstimator:
     """Open a TorchScript model file (default: the shipped model) as an estimator."""
     p = Path(path) if path is not None else DEFAULT_MODEL
     if not p.is_file():
@@ -207,4 +233,12 @@ def load_estimator(path: str | Path | None = None, device: str = "auto", calibra
     except Exception as exc:  # torch's own message names neither the file nor what was expected
         raise ValueError(f"{str(p)!r} is not a TorchScript DeepFocus model: {exc}") from None
     meta = json.loads(files["meta.json"] or "{}")
-    return DeepFocusEstimator(model, meta, calibration, settings, device=str(dev), threads=threads, model_id=p.name)
+    return DeepFocusEstimator(model, meta, calibration, settings, device=str(dev), threads=threads, model_id=p.name,
+                              aperture_angle_mrad=aperture_angle_mrad)
+
+
+def load_estimator_for(cfg, path: str | Path | None = None, **kwargs) -> DeepFocusEstimator:
+    """An estimator for the microscope described by a ``hardware.config.MicroscopeConfig``:
+    its stigmator calibration and its aperture angle, as the installation knows them."""
+    return load_estimator(path, calibration=StigCalibration.from_config(cfg),
+                          aperture_angle_mrad=cfg.calibration.aperture_angle_mrad, **kwargs)

@@ -180,7 +180,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
     rng = np.random.default_rng(cfg.seed + step)
     t0 = last_ck = time.time()
     meta_base = {"arch": "spectral", "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
-                 "patch_px": datagen.PATCH_PX, "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
+                 "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"), "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
 
     def save_checkpoint() -> None:
         tmp = ckpt_path.with_suffix(".tmp")

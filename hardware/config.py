@@ -175,6 +175,7 @@ class CalibrationConfig:
     stig_rotation_deg: float = 0.0
     stig_scale_um_per_unit: float = 2.0
     stig_matrix: Any = None                   # optional 2x2 matrix, units per um, overrides rotation/scale
+    aperture_angle_mrad: float = 4.0          # beam half-angle as the facility knows it (aperture radius / wd)
 
 
 @dataclass
@@ -353,6 +354,7 @@ def validate(cfg: MicroscopeConfig) -> None:
         "ion_beam.current_na": cfg.ion_beam.current_na,
         "ion_beam.rate_scale": cfg.ion_beam.rate_scale,
         "calibration.stig_scale_um_per_unit": cfg.calibration.stig_scale_um_per_unit,
+        "calibration.aperture_angle_mrad": cfg.calibration.aperture_angle_mrad,
     }
     for key, v in positive.items():
         if not v > 0:

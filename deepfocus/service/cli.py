@@ -45,6 +45,10 @@ def register_service_commands(subparsers: Any) -> None:
                    help="the daemon's CURVE '.key_secret' file (zmq.auth.create_certificates)")
     s.add_argument("--curve-authorized-keys", type=Path, metavar="DIR",
                    help="directory of public '.key' files of clients allowed to connect")
+    s.add_argument("--profile", metavar="NAME|PATH",
+                   help="microscope profile whose calibration (stigmator units, aperture angle) the models use")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key of --profile (repeatable)")
     s.add_argument("--queue-size", type=int, default=64, help="requests queued before 'busy'")
     s.add_argument("--max-side-px", type=int, default=8192, help="largest image side accepted")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -121,6 +125,18 @@ def _shipped_model(models_dir: Path | None) -> tuple[Path | None, str | None]:
     return models_dir, (default.name if default.is_file() else None)
 
 
+def calibrated_loader(profile: str, overrides: list[str]):
+    """A model loader that calibrates every model for one microscope (one daemon serves one microscope)."""
+    from hardware.config import load_profile
+
+    cfg = load_profile(profile, overrides)
+
+    def load(path: Path, device: str = "cpu"):
+        from ..estimator import load_estimator_for
+        return load_estimator_for(cfg, path, device=device)
+    return load
+
+
 def serve_command(args: argparse.Namespace) -> int:
     from .protocol import Limits
     from .server import CurveServerKeys, Server, ServerConfig, ServiceConfigError, \
@@ -142,8 +158,13 @@ def serve_command(args: argparse.Namespace) -> int:
         config = ServerConfig(bind=args.bind, device=device, models_dir=models_dir,
                               model=model, curve=curve, queue_size=args.queue_size,
                               limits=Limits(max_side_px=args.max_side_px))
+        extra = {}
+        if args.profile:
+            extra["loader"] = calibrated_loader(args.profile, args.set)
+        elif args.set:
+            raise ValueError("--set needs --profile")
         server = Server(config, estimator=estimator,
-                        estimator_name=(args.estimator or "builtin").rpartition(":")[2])
+                        estimator_name=(args.estimator or "builtin").rpartition(":")[2], **extra)
     except (ServiceConfigError, ValueError, ImportError, AttributeError, OSError) as exc:
         log.error("cannot start", extra={"fields": {"error": str(exc)}})
         print(f"deepfocus serve: {exc}", file=sys.stderr)

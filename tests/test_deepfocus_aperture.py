@@ -1,0 +1,79 @@
+"""Aperture-normalised models: the estimator hands the model p * alpha_ref / alpha, from the microscope's profile."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deepfocus.calibration import StigCalibration
+from deepfocus.estimator import DEFAULT_MODEL, DeepFocusEstimator, load_estimator, load_estimator_for
+from hardware.config import load_profile
+
+
+class EchoPixelSize(torch.nn.Module):
+    """Returns the pixel size it was given as the wd correction of every patch (plumbing check)."""
+
+    def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 4)
+        out[:, 0] = pixel_size_nm
+        return out
+
+
+def textured_pair(n=512, seed=0):
+    rng = np.random.default_rng(seed)
+    import cv2
+    img = cv2.GaussianBlur(rng.random((n, n)).astype(np.float32), (0, 0), 3)
+    img = (img - img.min()) / (img.max() - img.min()) * 60000
+    return img.astype(np.uint16), img.astype(np.uint16)
+
+
+@pytest.fixture
+def echo_model_file(tmp_path):
+    path = tmp_path / "echo.pt"
+    torch.jit.save(torch.jit.script(EchoPixelSize()), str(path),
+                   _extra_files={"meta.json": json.dumps({"arch": "echo", "alpha_ref_mrad": 4.0, "patch_px": 128})})
+    return path
+
+
+def test_normalised_model_sees_the_pixel_size_scaled_by_the_aperture(echo_model_file):
+    minus, plus = textured_pair()
+    est = load_estimator(echo_model_file, aperture_angle_mrad=3.0)
+    assert est.estimate(minus, plus, 10e-9).wd_um == pytest.approx(10.0 * 4.0 / 3.0, rel=1e-5)
+    # a per-call angle wins over the configured one
+    assert est.estimate(minus, plus, 10e-9, aperture_angle_mrad=5.0).wd_um == pytest.approx(8.0, rel=1e-5)
+    # no angle anywhere: the reference microscope is assumed
+    assert load_estimator(echo_model_file).estimate(minus, plus, 10e-9).wd_um == pytest.approx(10.0, rel=1e-5)
+
+
+def test_profile_calibration_supplies_the_angle(echo_model_file):
+    cfg = load_profile("setup_b")
+    assert cfg.calibration.aperture_angle_mrad == 3.0
+    est = load_estimator_for(cfg, echo_model_file)
+    assert est.aperture_angle_mrad == 3.0
+    minus, plus = textured_pair()
+    assert est.estimate(minus, plus, 8e-9).wd_um == pytest.approx(8.0 * 4.0 / 3.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -4.0, float("nan"), 4000.0])
+def test_implausible_angles_are_refused(echo_model_file, bad):
+    with pytest.raises(ValueError, match="aperture_angle_mrad"):
+        load_estimator(echo_model_file, aperture_angle_mrad=bad)
+
+
+def test_models_without_a_reference_angle_are_unaffected():
+    est = load_estimator(DEFAULT_MODEL, aperture_angle_mrad=3.0)
+    if est.alpha_ref_mrad is not None:
+        pytest.skip("the shipped model is aperture-normalised")
+    assert est.model_pixel_size_nm(10e-9) == pytest.approx(10.0)
+
+
+def test_daemon_loader_calibrates_models_for_its_microscope(echo_model_file):
+    from deepfocus.service.cli import calibrated_loader
+    est = calibrated_loader("setup_b", ["calibration.aperture_angle_mrad=2.5"])(echo_model_file, "cpu")
+    assert isinstance(est, DeepFocusEstimator) and est.aperture_angle_mrad == 2.5
+    cal = load_profile("setup_b").calibration
+    # setup_b's scan is rotated 90 degrees: its calibration folds that in
+    expected = StigCalibration.from_rotation_scale(cal.stig_rotation_deg, cal.stig_scale_um_per_unit, 90.0)
+    assert est.calibration.matrix == pytest.approx(expected.matrix)

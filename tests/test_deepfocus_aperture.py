@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepfocus.calibration import StigCalibration
-from deepfocus.estimator import DEFAULT_MODEL, DeepFocusEstimator, load_estimator, load_estimator_for
+from deepfocus.estimator import DEFAULT_MODEL, MODELS_DIR, DeepFocusEstimator, load_estimator, load_estimator_for
 from hardware.config import load_profile
 
 
@@ -63,10 +63,15 @@ def test_implausible_angles_are_refused(echo_model_file, bad):
 
 
 def test_models_without_a_reference_angle_are_unaffected():
-    est = load_estimator(DEFAULT_MODEL, aperture_angle_mrad=3.0)
-    if est.alpha_ref_mrad is not None:
-        pytest.skip("the shipped model is aperture-normalised")
+    est = load_estimator(MODELS_DIR / "spectral_v1.pt", aperture_angle_mrad=3.0)
+    assert est.alpha_ref_mrad is None
     assert est.model_pixel_size_nm(10e-9) == pytest.approx(10.0)
+
+
+def test_the_default_model_is_aperture_normalised():
+    est = load_estimator(DEFAULT_MODEL, aperture_angle_mrad=3.0)
+    assert est.alpha_ref_mrad == 4.0
+    assert est.model_pixel_size_nm(10e-9) == pytest.approx(10.0 * 4.0 / 3.0)
 
 
 def test_daemon_loader_calibrates_models_for_its_microscope(echo_model_file):

@@ -21,6 +21,15 @@ def register(subparsers) -> None:
     _register_mill_cycle(subparsers)
 
 
+def _add_index_options(p: argparse.ArgumentParser) -> None:
+    """Options of the per-pixel last-tissue index, shared by mill-rate and flatten (defaults from gcib.stacks)."""
+    from .stacks import DEFAULT_MEDIAN_PX, DEFAULT_SIGMA_PX, DEFAULT_WAFER_THRESHOLD
+
+    p.add_argument("--threshold", type=float, default=DEFAULT_WAFER_THRESHOLD, help="grey values below this are wafer")
+    p.add_argument("--sigma-px", type=float, default=DEFAULT_SIGMA_PX, help="Gaussian smoothing of the per-pixel index")
+    p.add_argument("--median-px", type=int, default=DEFAULT_MEDIAN_PX, help="median filter against outliers (0: none)")
+
+
 # ----------------------------------------------------------------------------- estimate-campaign
 def _register_estimate(subparsers) -> None:
     d = _DEFAULTS
@@ -136,9 +145,7 @@ def _register_mill_rate(subparsers) -> None:
     p.add_argument("--thickness-sd-nm", type=float, default=0.0, help="uncertainty of the thickness")
     p.add_argument("--cycles-per-slice", type=int, required=True, help="milling cycles between two slices")
     p.add_argument("--cycle-time-s", type=float, default=None, help="beam time per cycle, to report nm/s")
-    p.add_argument("--threshold", type=float, default=10.0, help="grey values below this are wafer")
-    p.add_argument("--sigma-px", type=float, default=1.0, help="Gaussian smoothing of the per-pixel index")
-    p.add_argument("--median-px", type=int, default=3, help="median filter against outliers (0: none)")
+    _add_index_options(p)
     p.add_argument("--roi", type=int, nargs=4, metavar=("Y0", "X0", "H", "W"), default=None,
                    help="analyse only this rectangle (pixels)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -180,9 +187,7 @@ def _register_flatten(subparsers) -> None:
     p.add_argument("--slices", type=int, default=None, help="output slices (default: as many as the input)")
     p.add_argument("--thickness-nm", type=float, default=None,
                    help="section thickness, sets PhysicalSizeZ of the output (default: from the input's z step)")
-    p.add_argument("--threshold", type=float, default=10.0, help="grey values below this are wafer")
-    p.add_argument("--sigma-px", type=float, default=1.0, help="Gaussian smoothing of the per-pixel index")
-    p.add_argument("--median-px", type=int, default=3, help="median filter against outliers (0: none)")
+    _add_index_options(p)
     p.add_argument("--fill", type=float, default=0.0, help="value of columns without tissue")
     p.set_defaults(func=_cmd_flatten)
 

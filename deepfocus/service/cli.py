@@ -185,21 +185,28 @@ def serve_command(args: argparse.Namespace) -> int:
 
 # -- ping -----------------------------------------------------------------------------
 
-def ping_command(args: argparse.Namespace) -> int:
+def _ask_daemon(args: argparse.Namespace, command: str, call):
+    """Run ``call(client)``; returns (result, None) or (None, exit code) after printing why it failed."""
     from ..client import DaemonUnavailable, RemoteError
 
     try:
         with _client_from_args(args) as client:
-            health = client.health()
+            return call(client), None
     except DaemonUnavailable as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return None, EXIT_UNAVAILABLE
     except RemoteError as exc:
         print(str(exc), file=sys.stderr)
-        return EXIT_REJECTED
+        return None, EXIT_REJECTED
     except (ValueError, OSError) as exc:
-        print(f"deepfocus ping: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+        print(f"deepfocus {command}: {exc}", file=sys.stderr)
+        return None, EXIT_INPUT
+
+
+def ping_command(args: argparse.Namespace) -> int:
+    health, code = _ask_daemon(args, "ping", lambda client: client.health())
+    if code is not None:
+        return code
     healthy = health.get("status") == "ok"
     if args.json:
         print(json.dumps(health))
@@ -222,7 +229,6 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict_remote(args: argparse.Namespace) -> int:
     """``deepfocus predict MINUS PLUS ... --connect ADDR``: ask the daemon for the correction."""
-    from ..client import DaemonUnavailable, RemoteError
     from ..sbemimage import read_image
     from .protocol import json_safe
 
@@ -232,19 +238,10 @@ def predict_remote(args: argparse.Namespace) -> int:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
     perturbation_um = getattr(args, "perturbation_um", None)
-    try:
-        with _client_from_args(args) as client:
-            corr = client.estimate(minus, plus, args.pixel_size_nm * 1e-9,
-                                   perturbation_um * 1e-6 if perturbation_um else None)
-    except DaemonUnavailable as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_UNAVAILABLE
-    except RemoteError as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_REJECTED
-    except ValueError as exc:
-        print(f"deepfocus predict: {exc}", file=sys.stderr)
-        return EXIT_INPUT
+    corr, code = _ask_daemon(args, "predict", lambda client: client.estimate(
+        minus, plus, args.pixel_size_nm * 1e-9, perturbation_um * 1e-6 if perturbation_um else None))
+    if code is not None:
+        return code
     if getattr(args, "json", False):
         print(json.dumps(json_safe(corr.to_dict())))
     else:

@@ -45,12 +45,15 @@ class SpectralFrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
         b, c, h, w = x.shape
-        x = x - x.mean(dim=(2, 3), keepdim=True)
         wy = torch.hann_window(h, periodic=False, dtype=x.dtype, device=x.device)
         wx = torch.hann_window(w, periodic=False, dtype=x.dtype, device=x.device)
         win = wy.unsqueeze(1) * wx.unsqueeze(0)
-        spec = torch.fft.rfft2(x * win)
-        power = (spec.real * spec.real + spec.imag * spec.imag) / (win * win).sum()
+        # in place on the one fresh copy, and the window's norm applied to the binned map, not to every
+        # frequency: on a CPU these full-size passes cost more than the FFT itself
+        x = x - x.mean(dim=(2, 3), keepdim=True)
+        x.mul_(win)
+        spec = torch.fft.rfft2(x)
+        power = spec.real * spec.real + spec.imag * spec.imag
         idx = self.bin_index(h, w, pixel_size_nm, x.device)
         nb = self.n_r * self.n_theta + 1
         flat = power.reshape(b * c, -1)
@@ -58,7 +61,7 @@ class SpectralFrontEnd(nn.Module):
         sums.index_add_(1, idx, flat)
         counts = torch.zeros(nb, dtype=x.dtype, device=x.device)
         counts.index_add_(0, idx, torch.ones_like(idx, dtype=x.dtype))
-        mean = sums[:, :-1] / counts[:-1].clamp(min=1.0)
+        mean = sums[:, :-1] / (counts[:-1].clamp(min=1.0) * (win * win).sum())
         mask = (counts[:-1] > 0).to(x.dtype)
         logp = torch.log(mean + 1e-12).reshape(b, c, self.n_r * self.n_theta)
         ratio = (logp[:, 1] - logp[:, 0]).clamp(-12.0, 12.0) * mask

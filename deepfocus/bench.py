@@ -39,13 +39,15 @@ class BenchConfig:
     margin_wd_um: float = 1.0
     margin_stig: float = 0.25
     seed: int = 0
+    n_patches: int | None = None          # DeepFocus patch pairs per estimate (None: the estimator's default)
 
 
-def make_method(name: str, cfg_micro, model: str | None):
+def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
     cal = StigCalibration.from_config(cfg_micro)
     if name == "deepfocus":
-        from .estimator import load_estimator_for
-        return load_estimator_for(cfg_micro, model)
+        from .estimator import EstimatorSettings, load_estimator_for
+        settings = EstimatorSettings(n_patches=n_patches) if n_patches else None
+        return load_estimator_for(cfg_micro, model, settings=settings)
     if name == "mapfost":
         from .methods import MapfostEstimator
         # MAPFoSt gets the aperture angle the installation knows, as DeepFocus does
@@ -79,7 +81,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         off = rng.uniform(-2e-4, 2e-4, 2)
         for name in cfg.methods:
             scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={seed}"], specimen=spec)
-            method = make_method(name, scope.config, cfg.model)
+            method = make_method(name, scope.config, cfg.model, cfg.n_patches)
             p0 = scope.stage.position()
             scope.stage.move_to(x_m=p0.x_m + off[0], y_m=p0.y_m + off[1])
             # keep the profile's scan rotation: the stigmator calibration was folded for it
@@ -144,7 +146,7 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
         scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
                                 specimen=specimens[i % len(specimens)])
         if est is None:
-            est = make_method(method, scope.config, cfg.model)
+            est = make_method(method, scope.config, cfg.model, cfg.n_patches)
         sem = scope.sem
         sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
                      dwell_s=cfg.dwell_ns * 1e-9)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,7 @@ def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "gri
 @dataclass
 class EstimatorSettings:
     n_patches: int = 8
-    patch_px: int = 256
+    patch_px: int | None = None          # None: the size the model was trained on (its meta.json)
     layout: str = "grid"
     seed: int = 0
     min_patches: int = 3
@@ -105,7 +105,9 @@ class DeepFocusEstimator(Estimator):
         # models trained on aperture-normalised features need the microscope's beam half-angle
         self.alpha_ref_mrad = self.meta.get("alpha_ref_mrad")
         self.aperture_angle_mrad = self._check_alpha(aperture_angle_mrad)
-        self.settings = settings or EstimatorSettings(patch_px=int(self.meta.get("patch_px", 256)))
+        self.settings = settings or EstimatorSettings()
+        if self.settings.patch_px is None:
+            self.settings = replace(self.settings, patch_px=int(self.meta.get("patch_px", 256)))
         self.calibration = calibration or StigCalibration()
         self.device = pick_device(device)
         if threads is not None:

@@ -159,3 +159,26 @@ def test_device_is_picked_automatically_and_a_missing_gpu_is_an_error():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
             pick_device("cuda")
+
+
+def test_predict_patches_option_sets_how_many_patch_pairs_are_used(tmp_path, pair, model_file):
+    a, b = _write_pair(tmp_path, pair)
+    counts = {}
+    for n in ("4", "12"):
+        out = subprocess.run([sys.executable, "-m", "deepfocus.cli", "predict", str(a), str(b), "--pixel-size-nm",
+                              "10", "--model", str(model_file), "--patches", n, "--json"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 0, out.stderr
+        counts[n] = json.loads(out.stdout)["n_patches"]
+    assert counts["4"] <= 4 < counts["12"] <= 12
+    out = subprocess.run([sys.executable, "-m", "deepfocus.cli", "predict", str(a), str(b), "--pixel-size-nm", "10",
+                          "--model", str(model_file), "--patches", "1"], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
+    assert out.returncode != 0 and "--patches" in out.stderr
+
+
+def test_settings_without_a_patch_size_take_the_models():
+    from deepfocus.estimator import DeepFocusEstimator, EstimatorSettings
+    from deepfocus.models import SpectralNet
+    est = DeepFocusEstimator(SpectralNet(), {"patch_px": 128}, settings=EstimatorSettings(n_patches=5), device="cpu")
+    assert est.settings.patch_px == 128 and est.settings.n_patches == 5

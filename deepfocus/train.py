@@ -6,6 +6,10 @@ optimiser, scheduler, step, best validation) and ``best.pt`` (TorchScript). Runn
 same command again resumes: finished shards are kept, training continues from the
 checkpoint. ``--generate-only`` / ``--train-only`` split the stages across processes;
 training picks up shards that appear while it runs.
+
+``arch`` picks the network: ``spectral`` (default) trains the ``SpectralNet`` head on cached
+spectral features (this module); the thesis' image networks (``baseline``, ``patch_score``,
+``pixel_score``) train on raw patch pairs, augmented on the fly (``train_images``).
 """
 from __future__ import annotations
 
@@ -17,24 +21,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from . import datagen
-from .models import SpectralNet
+from .models import ARCHITECTURES, SpectralNet
 
 SCORE_LOSS_MIX = 0.75     # thesis: (1 - 0.25) L1(consensus) + 0.25 L1(individual patches)
 
 
 @dataclass
 class TrainConfig:
+    arch: str = "spectral"
     run_dir: str = "deepfocus/runs/spectral"
     seed: int = 0
     threads: int = 1
     train_shards: int = 40
     val_shards: int = 4
     groups_per_shard: int = 128
-    copies: int = 2
+    copies: int = 2                     # spectral shards only: image models are augmented while training
     steps: int = 200000
     batch_groups: int = 32
     lr: float = 1e-3
@@ -48,13 +52,25 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     gen: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch {self.arch!r} is not a known network; known: {', '.join(ARCHITECTURES)}")
+
+    @property
+    def image_model(self) -> bool:
+        """True for the networks that read raw patch pairs (trained by ``train_images``)."""
+        return self.arch != "spectral"
+
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         data = yaml.safe_load(Path(path).read_text()) or {}
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def generate(cfg: TrainConfig, log=print) -> None:
@@ -73,8 +89,16 @@ def generate(cfg: TrainConfig, log=print) -> None:
             continue
         t = time.time()
         seed = cfg.seed * 1_000_003 + (0 if kind == "train" else 500_000) + i
-        datagen.generate_shard(path, specs, cfg.groups_per_shard, gen, seed, cfg.copies, loaded)
+        if cfg.image_model:
+            datagen.generate_pair_shard(path, specs, cfg.groups_per_shard, gen, seed, loaded)
+        else:
+            datagen.generate_shard(path, specs, cfg.groups_per_shard, gen, seed, cfg.copies, loaded)
         log(f"shard {path.name}: {cfg.groups_per_shard} groups in {time.time() - t:.0f} s")
+
+
+def shard_paths(data: Path, kind: str) -> list[Path]:
+    """Finished shards only: the generator writes ``*.tmp.npz`` and renames it when complete."""
+    return [p for p in sorted(data.glob(f"{kind}_*.npz")) if not p.name.endswith(".tmp.npz")]
 
 
 def _load_shards(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +147,12 @@ def evaluate(model: SpectralNet, feats: torch.Tensor, targets: torch.Tensor) -> 
         g, n = feats.shape[:2]
         pred = model.head(feats.reshape(g * n, *feats.shape[2:])).reshape(g, n, 4)
         c = consensus(pred).numpy()
-    t = targets.numpy()
+    return group_metrics(c, targets.numpy())
+
+
+def group_metrics(c: np.ndarray, t: np.ndarray) -> dict:
+    """Validation figures of (G, 3) consensus corrections ``c`` against targets ``t`` (um); what ``log.jsonl`` holds."""
+    g = c.shape[0]
     err = np.abs(c - t)
     near = np.abs(t[:, 0]) <= 10
     return {"mae_wd_um": float(err[:, 0].mean()), "mae_astig_um": float(err[:, 1:].mean()),
@@ -155,6 +184,9 @@ def export(model: SpectralNet, path: Path, meta: dict) -> None:
 
 
 def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict:
+    if cfg.image_model:
+        from .train_images import train_images
+        return train_images(cfg, log, max_seconds)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Path(cfg.run_dir)
@@ -171,10 +203,10 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
         sched.load_state_dict(ck["scheduler"])
         step, best = ck["step"], ck["best"]
         log(f"resumed from {ckpt_path} at step {step}")
-    while len(sorted(data.glob("val_*.npz"))) < cfg.val_shards or \
-            len(sorted(data.glob("train_*.npz"))) < min(cfg.min_train_shards, cfg.train_shards):
+    while len(shard_paths(data, "val")) < cfg.val_shards or \
+            len(shard_paths(data, "train")) < min(cfg.min_train_shards, cfg.train_shards):
         time.sleep(10)
-    vf, vt = _load_shards(sorted(data.glob("val_*.npz")))
+    vf, vt = _load_shards(shard_paths(data, "val"))
     known: list[Path] = []
     tf = tt = None
     rng = np.random.default_rng(cfg.seed + step)
@@ -189,7 +221,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
         tmp.rename(ckpt_path)
 
     while step < cfg.steps:
-        shards = sorted(data.glob("train_*.npz"))
+        shards = shard_paths(data, "train")
         if shards != known:
             known = shards
             tf, tt = _load_shards(known)

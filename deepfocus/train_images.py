@@ -1,0 +1,230 @@
+"""Training the thesis' image networks (``baseline``, ``patch_score``, ``pixel_score``) on raw patch pairs.
+
+``train.generate`` writes shards of rendered groups as uint8 (``datagen.generate_pair_shard``); here they
+are held in memory as uint8 (0.5 MB per group), each batch is converted to [-1, 1] and augmented on the
+fly (a fresh draw every time a group is used, as in the thesis), and the whole network is trained with
+the thesis patch-score loss (``train.group_loss``). Checkpoint, resume, validation figures and the
+TorchScript ``best.pt`` are those of the spectral path, so ``log.jsonl`` files of both compare line by line.
+The GPU is used when there is one; the same config runs on a CPU.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import datagen
+from .estimator import pick_device
+from .models import build
+from .train import TrainConfig, consensus, export, group_loss, group_metrics, selection_score, shard_paths
+
+# as the spectral shards (one plain and one augmented copy of each group): the plain images are what a
+# microscope delivers, so half of what the network sees stays unaltered
+AUGMENT_FRACTION = 0.5
+SHARD_POLL_S = 60.0       # how often training looks for shards the generator has finished
+
+
+@dataclass
+class PairShards:
+    """Shards of raw patch pairs kept as uint8 and indexed across shards (no concatenated copy)."""
+    paths: list[Path] = field(default_factory=list)
+    pairs: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    pixel_size_nm: list[np.ndarray] = field(default_factory=list)
+    aperture_angle_mrad: list[np.ndarray] = field(default_factory=list)
+    _ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @classmethod
+    def load(cls, paths: list[Path]) -> "PairShards":
+        shards = cls()
+        for p in paths:
+            shards.add(p)
+        return shards
+
+    @property
+    def n_groups(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def add(self, path: Path) -> None:
+        with np.load(path) as d:
+            if "pairs" not in d.files:
+                raise ValueError(f"{path} holds no raw patch pairs (keys {sorted(d.files)}); shards for the "
+                                 "spectral network cannot train an image model: give it its own run_dir")
+            pairs = d["pairs"]
+            shape = (4, 2, datagen.PATCH_PX, datagen.PATCH_PX)
+            if pairs.dtype != np.uint8 or pairs.shape[1:] != shape:
+                raise ValueError(f"{path}: pairs are {pairs.dtype} {pairs.shape}, expected uint8 (n, "
+                                 f"{', '.join(map(str, shape))})")
+            self.pairs.append(pairs)
+            self.targets.append(d["targets"].astype(np.float32))
+            self.pixel_size_nm.append(d["pixel_size_nm"].astype(np.float32))
+            self.aperture_angle_mrad.append(d["aperture_angle_mrad"].astype(np.float32))
+        self.paths.append(path)
+        self._ends = np.cumsum([len(t) for t in self.targets])
+
+    def take(self, idx: np.ndarray, alpha_ref_mrad: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Groups by global index: pairs (b, 4, 2, P, P) uint8, targets (b, 3) um, pixel sizes (b,) nm.
+
+        With ``alpha_ref_mrad`` the pixel sizes are scaled by alpha_ref / alpha (what an aperture-normalised
+        model expects; only for shards generated without ``gen.alpha_ref_mrad``, which are scaled already).
+        """
+        shard = np.searchsorted(self._ends, idx, side="right")
+        local = idx - np.concatenate([[0], self._ends])[shard]
+        pairs = np.stack([self.pairs[s][i] for s, i in zip(shard, local)])
+        targets = np.stack([self.targets[s][i] for s, i in zip(shard, local)])
+        px = np.array([self.pixel_size_nm[s][i] for s, i in zip(shard, local)], np.float32)
+        if alpha_ref_mrad is not None:
+            px = px * np.float32(alpha_ref_mrad) / np.array([self.aperture_angle_mrad[s][i]
+                                                             for s, i in zip(shard, local)], np.float32)
+        return pairs, targets, px
+
+
+def to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x)
+    if device.type == "cuda":
+        # a fresh pinned copy per batch, never written again: the transfer may overlap the previous step
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+def make_batch(shards: PairShards, idx: np.ndarray, rng: np.random.Generator,
+               augment_fraction: float = AUGMENT_FRACTION) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups ``idx`` in [-1, 1], each augmented (one draw for its 4 pairs: one frame pair) with the given chance."""
+    pairs_u8, targets, px = shards.take(idx)
+    x = datagen.pairs_from_uint8(pairs_u8)
+    for i in range(len(x)):
+        if rng.random() < augment_fraction:
+            x[i] = datagen.augment(x[i], rng)
+    return x, targets, px
+
+
+def _runs(px: np.ndarray) -> list[tuple[int, int]]:
+    """Index ranges of consecutive equal pixel sizes (the generator writes one microscope's groups together)."""
+    cuts = [0] + [i for i in range(1, len(px)) if px[i] != px[i - 1]] + [len(px)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def evaluate_pairs(model: torch.nn.Module, shards: PairShards, device: torch.device, chunk_groups: int = 8,
+                   alpha_ref_mrad: float | None = None) -> dict:
+    """``train.evaluate`` for any network run end to end on patch pairs: same figures, same names.
+
+    Each call sees groups of one pixel size, so a network that reads it gets every group's own. Any exported
+    model scores on the same groups: ``evaluate_pairs(torch.jit.load(path), PairShards.load(paths), device,
+    alpha_ref_mrad=meta["alpha_ref_mrad"])`` (e.g. the shipped SpectralNet on an image run's validation shards).
+    """
+    model.eval()
+    preds, targets = [], []
+    p = datagen.PATCH_PX
+    with torch.no_grad():
+        for start in range(0, shards.n_groups, chunk_groups):
+            pairs_u8, t, px = shards.take(np.arange(start, min(start + chunk_groups, shards.n_groups)), alpha_ref_mrad)
+            x = to_device(datagen.pairs_from_uint8(pairs_u8), device)
+            for a, b in _runs(px):
+                out = model(x[a:b].reshape(-1, 2, p, p), float(px[a]))
+                preds.append(out.float().reshape(b - a, 4, 4).cpu())
+            targets.append(t)
+    c = consensus(torch.cat(preds)).numpy()
+    return group_metrics(c, np.concatenate(targets))
+
+
+def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict:
+    """Train ``cfg.arch`` end to end on the run's pair shards; resumes from ``checkpoint.pt``. Returns the best
+    validation figures."""
+    if not cfg.image_model:
+        raise ValueError(f"train_images trains image networks; arch {cfg.arch!r} trains with train.train")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = pick_device("auto")
+    run = Path(cfg.run_dir)
+    data = run / "data"
+    model = build(cfg.arch, **cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    ckpt_path = run / "checkpoint.pt"
+    step, best = 0, {"mae_wd_um": math.inf}
+    if ckpt_path.exists():
+        # CPU first: a checkpoint written on a GPU resumes on a CPU and the other way round
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        was = ck.get("config", {}).get("arch", "spectral")
+        if was != cfg.arch:
+            raise ValueError(f"{ckpt_path} is a checkpoint of arch {was!r} but the config asks for "
+                             f"{cfg.arch!r}: give each network its own run_dir")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        step, best = ck["step"], ck["best"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    log(f"training {cfg.arch} on {device}")
+    if cfg.gen.get("alpha_ref_mrad") is not None:
+        log("note: gen.alpha_ref_mrad only rescales the pixel size handed to the model; "
+            f"{cfg.arch} reads raw pixels and ignores it")
+    while len(shard_paths(data, "val")) < cfg.val_shards or \
+            len(shard_paths(data, "train")) < min(cfg.min_train_shards, cfg.train_shards):
+        time.sleep(10)
+    val = PairShards.load(shard_paths(data, "val"))
+    train_set = PairShards()
+    rng = np.random.default_rng(cfg.seed + step)
+    meta_base = {"arch": cfg.arch, "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
+                 "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"),
+                 "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
+
+    def save_checkpoint() -> None:
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "step": step, "best": best, "config": asdict(cfg)}, tmp)
+        tmp.rename(ckpt_path)
+
+    p = datagen.PATCH_PX
+    t0 = last_ck = time.time()
+    last_poll = -math.inf
+    step_s, steps_timed = 0.0, 0
+    while step < cfg.steps:
+        if time.time() - last_poll > SHARD_POLL_S:
+            known = set(train_set.paths)
+            new = [q for q in shard_paths(data, "train") if q not in known]
+            for q in new:
+                train_set.add(q)
+            if new:
+                log(f"step {step}: training on {len(train_set.paths)} shards, {train_set.n_groups} groups")
+            last_poll = time.time()
+        model.train()
+        ts = time.perf_counter()
+        x, y, px = make_batch(train_set, rng.integers(0, train_set.n_groups, cfg.batch_groups), rng)
+        g = x.shape[0]
+        # one call per batch keeps BatchNorm statistics over the whole batch; the image networks ignore the
+        # pixel size (their input is raw pixels), so the batch mean stands in for the groups' own
+        pred = model(to_device(x, device).reshape(g * 4, 2, p, p), float(px.mean())).reshape(g, 4, 4)
+        loss = group_loss(pred, to_device(y, device), cfg.relative_loss_scale_um)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        train_loss = loss.item()            # also waits for the GPU, so the step time below is real
+        step_s += time.perf_counter() - ts
+        steps_timed += 1
+        if step % cfg.validate_every == 0:
+            m = evaluate_pairs(model, val, device, cfg.batch_groups)
+            m.update(step=step, train_loss=train_loss, s_per_step=step_s / steps_timed)
+            step_s, steps_timed = 0.0, 0
+            log(json.dumps(m))
+            with open(run / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(m) + "\n")
+            if selection_score(m) < selection_score(best):
+                best = m
+                # exported from a CPU copy so that best.pt opens on any machine
+                export(copy.deepcopy(model).cpu(), run / "best.pt",
+                       dict(meta_base, validation=m, train_groups=train_set.n_groups))
+        if time.time() - last_ck > cfg.checkpoint_every_s:
+            save_checkpoint()
+            last_ck = time.time()
+        if max_seconds is not None and time.time() - t0 > max_seconds:
+            break
+    save_checkpoint()
+    return best

@@ -152,6 +152,17 @@ def bench_command(args) -> int:
     return EXIT_OK
 
 
+def average_command(args) -> int:
+    from .train import average_weights
+    try:
+        meta = average_weights(args.inputs, args.out)
+    except (OSError, ValueError) as exc:
+        print(f"deepfocus average: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    print(json.dumps({"out": str(args.out), "averaged_from": meta["averaged_from"]}))
+    return EXIT_OK
+
+
 def train_command(args) -> int:
     from .train import TrainConfig, generate, train
     cfg = TrainConfig.load(args.config)
@@ -239,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-only", action="store_true")
     t.add_argument("--max-seconds", type=float, default=None)
     t.set_defaults(func=train_command)
+
+    w = sub.add_parser("average", help="average the weights of snapshots of one training run into one model")
+    w.add_argument("inputs", type=Path, nargs="+", help="best.pt exports and/or checkpoint.pt files of one run")
+    w.add_argument("--out", type=Path, required=True)
+    w.set_defaults(func=average_command)
 
     v = sub.add_parser("speed", help="time the models per correction (eager, TorchScript, threads, int8)")
     v.add_argument("--archs", default=None, help="comma-separated (default: all)")

@@ -183,6 +183,48 @@ def export(model: SpectralNet, path: Path, meta: dict) -> None:
     tmp.rename(path)
 
 
+def average_weights(inputs: list[Path], out: Path) -> dict:
+    """Average the weights of snapshots of one run (``best.pt`` exports or ``checkpoint.pt``) into ``out``.
+
+    Late snapshots of one run at a small learning rate lie around the same minimum; their
+    mean generalises better than any one of them (stochastic weight averaging). The
+    metadata of the first TorchScript input is kept, with the inputs recorded.
+    """
+    from .models import build
+    if len(inputs) < 2:
+        raise ValueError("give at least two model files to average")
+    states, meta = [], None
+    for p in inputs:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"model file {str(p)!r} does not exist")
+        try:
+            files = {"meta.json": ""}
+            states.append(torch.jit.load(str(p), map_location="cpu", _extra_files=files).state_dict())
+            meta = meta or json.loads(files["meta.json"] or "{}")
+        except RuntimeError:
+            try:
+                ck = torch.load(str(p), map_location="cpu", weights_only=False)
+            except Exception:  # noqa: BLE001 - torch's unpickling errors name neither the file nor the cause
+                ck = None
+            if not isinstance(ck, dict) or "model" not in ck:
+                raise ValueError(f"{str(p)!r} is neither a TorchScript model nor a training checkpoint") from None
+            states.append(ck["model"])
+    if meta is None:
+        raise ValueError("at least one input must be an exported model (best.pt): its meta.json describes the result")
+    keys = set(states[0])
+    for p, st in zip(inputs, states):
+        if set(st) != keys or any(st[k].shape != states[0][k].shape for k in keys):
+            raise ValueError(f"{str(p)!r} has other layers than {str(inputs[0])!r}: only snapshots of one "
+                             "architecture can be averaged")
+    avg = {k: sum(st[k].float() for st in states) / len(states) for k in keys}
+    model = build(meta.get("arch", "spectral"), **(meta.get("model_args") or {}))
+    model.load_state_dict({k: v.to(states[0][k].dtype) for k, v in avg.items()})
+    meta = dict(meta, averaged_from=[Path(p).name for p in inputs])
+    meta.pop("validation", None)      # the inputs' figures do not describe the average
+    export(model, Path(out), meta)
+    return meta
+
+
 def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict:
     if cfg.image_model:
         from .train_images import train_images

@@ -2,7 +2,8 @@
 
 ``deepfocus train --config FILE`` runs both stages. Everything lives under the config's
 ``run_dir``: ``data/train_*.npz``, ``data/val_*.npz``, ``checkpoint.pt`` (model,
-optimiser, scheduler, step, best validation) and ``best.pt`` (TorchScript). Running the
+optimiser, scheduler, step, best validation) and ``best.pt`` (TorchScript; each new best is
+also kept as ``snapshots/best_stepN.pt`` for ``deepfocus average``). Running the
 same command again resumes: finished shards are kept, training continues from the
 checkpoint. ``--generate-only`` / ``--train-only`` split the stages across processes;
 training picks up shards that appear while it runs.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,6 +185,13 @@ def export(model: SpectralNet, path: Path, meta: dict) -> None:
     tmp.rename(path)
 
 
+def export_best(model: torch.nn.Module, run: Path, meta: dict, step: int) -> None:
+    """``best.pt``, and a copy under ``snapshots/`` that later improvements do not overwrite (for ``average``)."""
+    export(model, run / "best.pt", meta)
+    (run / "snapshots").mkdir(exist_ok=True)
+    shutil.copyfile(run / "best.pt", run / "snapshots" / f"best_step{step}.pt")
+
+
 def average_weights(inputs: list[Path], out: Path) -> dict:
     """Average the weights of snapshots of one run (``best.pt`` exports or ``checkpoint.pt``) into ``out``.
 
@@ -288,7 +297,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
                     fh.write(json.dumps(m) + "\n")
                 if selection_score(m) < selection_score(best):
                     best = m
-                    export(model, run / "best.pt", dict(meta_base, validation=m, train_groups=int(tf.shape[0])))
+                    export_best(model, run, dict(meta_base, validation=m, train_groups=int(tf.shape[0])), step)
                 model.train()
         if time.time() - last_ck > cfg.checkpoint_every_s:
             save_checkpoint()

@@ -22,7 +22,7 @@ import torch
 from . import datagen
 from .estimator import pick_device
 from .models import build
-from .train import TrainConfig, consensus, export, group_loss, group_metrics, selection_score, shard_paths
+from .train import TrainConfig, consensus, export_best, group_loss, group_metrics, selection_score, shard_paths
 
 # as the spectral shards (one plain and one augmented copy of each group): the plain images are what a
 # microscope delivers, so half of what the network sees stays unaltered
@@ -219,8 +219,8 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
             if selection_score(m) < selection_score(best):
                 best = m
                 # exported from a CPU copy so that best.pt opens on any machine
-                export(copy.deepcopy(model).cpu(), run / "best.pt",
-                       dict(meta_base, validation=m, train_groups=train_set.n_groups))
+                export_best(copy.deepcopy(model).cpu(), run,
+                            dict(meta_base, validation=m, train_groups=train_set.n_groups), step)
         if time.time() - last_ck > cfg.checkpoint_every_s:
             save_checkpoint()
             last_ck = time.time()

@@ -86,6 +86,9 @@ def test_exported_model_runs_through_the_estimator(trained):
     meta = read_meta(run / "best.pt")
     assert meta["arch"] == "baseline" and meta["patch_px"] == 256 and meta["perturbation_um"] == 5.0
     assert meta["alpha_ref_mrad"] is None and "validation" in meta
+    # every new best is also kept, so late snapshots can be averaged after best.pt moved on
+    kept = run / "snapshots" / f"best_step{meta['validation']['step']}.pt"
+    assert kept.read_bytes() == (run / "best.pt").read_bytes()
     from hardware.factory import open_microscope
     sem = open_microscope("setup_a").sem
     sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=384, dwell_s=100e-9)

@@ -192,6 +192,17 @@ def export_best(model: torch.nn.Module, run: Path, meta: dict, step: int) -> Non
     shutil.copyfile(run / "best.pt", run / "snapshots" / f"best_step{step}.pt")
 
 
+def record_validation(run: Path, m: dict, best: dict, log, save_best) -> dict:
+    """Log one validation (console and ``log.jsonl``); call ``save_best(m)`` and return ``m`` if it is the new best."""
+    log(json.dumps(m))
+    with open(run / "log.jsonl", "a") as fh:
+        fh.write(json.dumps(m) + "\n")
+    if selection_score(m) < selection_score(best):
+        save_best(m)
+        return m
+    return best
+
+
 def average_weights(inputs: list[Path], out: Path) -> dict:
     """Average the weights of snapshots of one run (``best.pt`` exports or ``checkpoint.pt``) into ``out``.
 
@@ -234,6 +245,58 @@ def average_weights(inputs: list[Path], out: Path) -> dict:
     return meta
 
 
+class Optimisation:
+    """Model, AdamW and step schedule of one run, saved to and resumed from ``checkpoint.pt``."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig):
+        self.model, self.cfg = model, cfg
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+        self.path = Path(cfg.run_dir) / "checkpoint.pt"
+
+    def resume(self, log) -> tuple[int, dict]:
+        """(step, best validation) from the checkpoint, or a fresh start."""
+        if not self.path.exists():
+            return 0, {"mae_wd_um": math.inf}
+        # CPU first: a checkpoint written on a GPU resumes on a CPU and the other way round
+        ck = torch.load(self.path, map_location="cpu", weights_only=False)
+        was = ck.get("config", {}).get("arch", "spectral")
+        if was != self.cfg.arch:
+            raise ValueError(f"{self.path} is a checkpoint of arch {was!r} but the config asks for "
+                             f"{self.cfg.arch!r}: give each network its own run_dir")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        log(f"resumed from {self.path} at step {ck['step']}")
+        return ck["step"], ck["best"]
+
+    def save(self, step: int, best: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(), "step": step, "best": best, "config": asdict(self.cfg)}, tmp)
+        tmp.rename(self.path)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+
+
+def wait_for_shards(cfg: TrainConfig, data: Path) -> None:
+    """Training starts once the validation shards and the first training shards are finished."""
+    while len(shard_paths(data, "val")) < cfg.val_shards or \
+            len(shard_paths(data, "train")) < min(cfg.min_train_shards, cfg.train_shards):
+        time.sleep(10)
+
+
+def model_meta(cfg: TrainConfig) -> dict:
+    """What an exported model's ``meta.json`` says about how it was trained (validation is added per export)."""
+    return {"arch": cfg.arch, "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
+            "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"),
+            "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
+
+
 def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict:
     if cfg.image_model:
         from .train_images import train_images
@@ -243,33 +306,15 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
     run = Path(cfg.run_dir)
     data = run / "data"
     model = SpectralNet(**cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    ckpt_path = run / "checkpoint.pt"
-    step, best = 0, {"mae_wd_um": math.inf}
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, best = ck["step"], ck["best"]
-        log(f"resumed from {ckpt_path} at step {step}")
-    while len(shard_paths(data, "val")) < cfg.val_shards or \
-            len(shard_paths(data, "train")) < min(cfg.min_train_shards, cfg.train_shards):
-        time.sleep(10)
+    optim = Optimisation(model, cfg)
+    step, best = optim.resume(log)
+    wait_for_shards(cfg, data)
     vf, vt = _load_shards(shard_paths(data, "val"))
     known: list[Path] = []
     tf = tt = None
     rng = np.random.default_rng(cfg.seed + step)
     t0 = last_ck = time.time()
-    meta_base = {"arch": "spectral", "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
-                 "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"), "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step, "best": best, "config": asdict(cfg)}, tmp)
-        tmp.rename(ckpt_path)
+    meta_base = model_meta(cfg)
 
     while step < cfg.steps:
         shards = shard_paths(data, "train")
@@ -284,25 +329,18 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
             g, n = x.shape[:2]
             pred = model.head(x.reshape(g * n, *x.shape[2:])).reshape(g, n, 4)
             loss = group_loss(pred, y, cfg.relative_loss_scale_um)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+            optim.step(loss)
             step += 1
             if step % cfg.validate_every == 0:
                 m = evaluate(model, vf, vt)
                 m.update(step=step, train_loss=loss.item())
-                log(json.dumps(m))
-                with open(run / "log.jsonl", "a") as fh:
-                    fh.write(json.dumps(m) + "\n")
-                if selection_score(m) < selection_score(best):
-                    best = m
-                    export_best(model, run, dict(meta_base, validation=m, train_groups=int(tf.shape[0])), step)
+                best = record_validation(run, m, best, log, lambda m: export_best(
+                    model, run, dict(meta_base, validation=m, train_groups=int(tf.shape[0])), step))
                 model.train()
         if time.time() - last_ck > cfg.checkpoint_every_s:
-            save_checkpoint()
+            optim.save(step, best)
             last_ck = time.time()
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
-    save_checkpoint()
+    optim.save(step, best)
     return best

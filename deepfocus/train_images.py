@@ -10,10 +10,9 @@ The GPU is used when there is one; the same config runs on a CPU.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,8 @@ import torch
 from . import datagen
 from .estimator import pick_device
 from .models import build
-from .train import TrainConfig, consensus, export_best, group_loss, group_metrics, selection_score, shard_paths
+from .train import (Optimisation, TrainConfig, consensus, export_best, group_loss, group_metrics, model_meta,
+                    record_validation, shard_paths, wait_for_shards)
 
 # as the spectral shards (one plain and one augmented copy of each group): the plain images are what a
 # microscope delivers, so half of what the network sees stays unaltered
@@ -144,41 +144,17 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
     run = Path(cfg.run_dir)
     data = run / "data"
     model = build(cfg.arch, **cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    ckpt_path = run / "checkpoint.pt"
-    step, best = 0, {"mae_wd_um": math.inf}
-    if ckpt_path.exists():
-        # CPU first: a checkpoint written on a GPU resumes on a CPU and the other way round
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        was = ck.get("config", {}).get("arch", "spectral")
-        if was != cfg.arch:
-            raise ValueError(f"{ckpt_path} is a checkpoint of arch {was!r} but the config asks for "
-                             f"{cfg.arch!r}: give each network its own run_dir")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        step, best = ck["step"], ck["best"]
-        log(f"resumed from {ckpt_path} at step {step}")
+    optim = Optimisation(model, cfg)
+    step, best = optim.resume(log)
     log(f"training {cfg.arch} on {device}")
     if cfg.gen.get("alpha_ref_mrad") is not None:
         log("note: gen.alpha_ref_mrad only rescales the pixel size handed to the model; "
             f"{cfg.arch} reads raw pixels and ignores it")
-    while len(shard_paths(data, "val")) < cfg.val_shards or \
-            len(shard_paths(data, "train")) < min(cfg.min_train_shards, cfg.train_shards):
-        time.sleep(10)
+    wait_for_shards(cfg, data)
     val = PairShards.load(shard_paths(data, "val"))
     train_set = PairShards()
     rng = np.random.default_rng(cfg.seed + step)
-    meta_base = {"arch": cfg.arch, "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
-                 "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"),
-                 "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}
-
-    def save_checkpoint() -> None:
-        tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "step": step, "best": best, "config": asdict(cfg)}, tmp)
-        tmp.rename(ckpt_path)
+    meta_base = model_meta(cfg)
 
     p = datagen.PATCH_PX
     t0 = last_ck = time.time()
@@ -201,10 +177,7 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
         # pixel size (their input is raw pixels), so the batch mean stands in for the groups' own
         pred = model(to_device(x, device).reshape(g * 4, 2, p, p), float(px.mean())).reshape(g, 4, 4)
         loss = group_loss(pred, to_device(y, device), cfg.relative_loss_scale_um)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        optim.step(loss)
         step += 1
         train_loss = loss.item()            # also waits for the GPU, so the step time below is real
         step_s += time.perf_counter() - ts
@@ -213,18 +186,13 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
             m = evaluate_pairs(model, val, device, cfg.batch_groups)
             m.update(step=step, train_loss=train_loss, s_per_step=step_s / steps_timed)
             step_s, steps_timed = 0.0, 0
-            log(json.dumps(m))
-            with open(run / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(m) + "\n")
-            if selection_score(m) < selection_score(best):
-                best = m
-                # exported from a CPU copy so that best.pt opens on any machine
-                export_best(copy.deepcopy(model).cpu(), run,
-                            dict(meta_base, validation=m, train_groups=train_set.n_groups), step)
+            # best.pt is exported from a CPU copy so that it opens on any machine
+            best = record_validation(run, m, best, log, lambda m: export_best(
+                copy.deepcopy(model).cpu(), run, dict(meta_base, validation=m, train_groups=train_set.n_groups), step))
         if time.time() - last_ck > cfg.checkpoint_every_s:
-            save_checkpoint()
+            optim.save(step, best)
             last_ck = time.time()
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
-    save_checkpoint()
+    optim.save(step, best)
     return best

@@ -29,16 +29,13 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair():
+    from deepfocus.autofocus import acquire_pair
     from hardware.factory import open_microscope
     scope = open_microscope("setup_a")
     sem = scope.sem
     sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=384, dwell_s=100e-9)
-    wd = sem.get_wd_m()
-    sem.set_wd_m(wd - 5e-6)
-    a = sem.grab_frame().image
-    sem.set_wd_m(wd + 5e-6)
-    b = sem.grab_frame().image
-    return a, b
+    minus, plus = acquire_pair(sem, 5e-6)
+    return minus.image, plus.image
 
 
 def test_a_pair_gives_a_finite_correction_with_uncertainty(model_file, pair):

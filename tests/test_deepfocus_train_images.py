@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from deepfocus import datagen
+from deepfocus.autofocus import acquire_pair
 from deepfocus.cli import main as cli_main
 from deepfocus.estimator import load_estimator, read_meta
 from deepfocus.train import TrainConfig, group_loss, train
@@ -92,11 +93,7 @@ def test_exported_model_runs_through_the_estimator(trained):
     from hardware.factory import open_microscope
     sem = open_microscope("setup_a").sem
     sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=384, dwell_s=100e-9)
-    wd = sem.get_wd_m()
-    sem.set_wd_m(wd - 5e-6)
-    a = sem.grab_frame().image
-    sem.set_wd_m(wd + 5e-6)
-    b = sem.grab_frame().image
+    a, b = (f.image for f in acquire_pair(sem, 5e-6))
     est = load_estimator(run / "best.pt", device="cpu")
     c = est.estimate(a, b, 10e-9)
     assert c.model_id == "best.pt" and c.n_patches == 8

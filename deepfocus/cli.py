@@ -137,6 +137,8 @@ def bench_command(args) -> int:
     except ValueError as exc:
         print(f"deepfocus bench: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    if args.probe_shapes:
+        return _probe_shapes(args, cfg)
     if args.fidelity:
         from .bench import fidelity
         res = {"fidelity": fidelity(cfg, args.fidelity, cfg.methods[0])}
@@ -149,6 +151,25 @@ def bench_command(args) -> int:
     if args.json:
         write(res, Path(args.json))
     print(json.dumps(_json_safe(res["methods"]), indent=1, default=float))
+    return EXIT_OK
+
+
+def _probe_shapes(args, cfg) -> int:
+    from .probe_shapes import run_probe_shapes
+    if len(cfg.specimens) != 1:
+        print("deepfocus bench --probe-shapes: give exactly one specimen image (--specimens PATH)", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        res = run_probe_shapes(cfg.profile, cfg.overrides, cfg.specimens[0], cfg.methods, cfg.model, cfg.dwell_ns,
+                               n=args.probe_shapes, seed=cfg.seed, log=lambda s: print(s, file=sys.stderr))
+    except (OSError, ValueError) as exc:
+        print(f"deepfocus bench: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_json_safe(res), indent=1))
+    print(json.dumps({s: {m: {k: v for k, v in r.items() if k != "pairs"} for m, r in per.items()}
+                      for s, per in _json_safe(res)["shapes"].items()}))
     return EXIT_OK
 
 
@@ -241,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--fidelity", type=int, default=0, metavar="N",
                    help="instead: single-iteration fidelity of the first method over N pairs (|wd| 1-20 um)")
+    b.add_argument("--probe-shapes", type=int, default=0, metavar="N",
+                   help="instead: N single pairs per probe shape (disc, gauss, halo, rim) blurred from one specimen "
+                        "image, predicted vs true wd per shape and method")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
 

@@ -10,6 +10,9 @@ same way. Outcomes:
 - ``uncertain``: the estimator refused or was not sure enough; the start is restored.
 - ``failed``: an error or a correction outside the limits; the start is restored.
 - ``aborted``: ``should_abort()`` said so; the start is restored.
+
+An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
+typical far from focus) moves wd only, and the loop goes on: it never converges on one.
 """
 from __future__ import annotations
 
@@ -159,8 +162,10 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             compute += step_compute
             values = (corr.wd_um, corr.stig_x, corr.stig_y)
             bad = not all(math.isfinite(v) for v in values)
+            # a wd-only answer (astigmatism left for later, see the estimator) carries no stigmator step
+            wd_only = bool(corr.extra.get("astig_uncertain"))
             too_unsure = (corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m
-                          or (s.correct_stig and corr.uncertainty_stig > s.max_uncertainty_stig))
+                          or (s.correct_stig and not wd_only and corr.uncertainty_stig > s.max_uncertainty_stig))
             if corr.status != "ok" or bad or too_unsure:
                 reason = corr.extra.get("reason") or ("non-finite correction" if bad else
                                                       f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, "
@@ -192,7 +197,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             trace.append(rec)
             if on_iteration is not None:
                 on_iteration(rec)
-            small = abs(corr.wd_um) * 1e-6 <= s.tol_wd_m and (
+            small = not (wd_only and s.correct_stig) and abs(corr.wd_um) * 1e-6 <= s.tol_wd_m and (
                 not s.correct_stig or max(abs(corr.stig_x), abs(corr.stig_y)) <= s.tol_stig)
             if small:
                 outcome, message = "converged", f"converged after {it} iteration(s)"

@@ -81,7 +81,8 @@ def predict_command(args) -> int:
         print(json.dumps(_json_safe(corr.to_dict())))
     else:
         print(f"add wd {corr.wd_um:+.3f} um (+- {corr.uncertainty_wd_um:.3f}), stig x {corr.stig_x:+.4f}, "
-              f"stig y {corr.stig_y:+.4f} (+- {corr.uncertainty_stig:.4f}); status {corr.status}")
+              f"stig y {corr.stig_y:+.4f} (+- {corr.uncertainty_stig:.4f}); status {corr.status}"
+              + (f" ({corr.extra['reason']})" if corr.extra.get("reason") else ""))
     return EXIT_OK
 
 

@@ -193,19 +193,26 @@ class DeepFocusEstimator(Estimator):
         w /= w.sum()
         mean = (pred[:, :3] * w[:, None]).sum(axis=0)
         spread = np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
-        sx, sy = self.calibration.units(mean[1], mean[2])
         unc_stig = float(np.linalg.norm(self.calibration.matrix, 2) * math.hypot(spread[1], spread[2]))
-        status, reason = "ok", ""
+        status, extra = "ok", {}
+        ax, ay = float(mean[1]), float(mean[2])
+        astig_spread = math.hypot(spread[1], spread[2])
         if spread[0] > s.max_spread_wd_um + 0.2 * abs(mean[0]):
-            status, reason = "uncertain", f"patches disagree on wd by {spread[0]:.2f} um"
-        elif math.hypot(spread[1], spread[2]) > s.max_spread_astig_um + 0.2 * math.hypot(mean[1], mean[2]):
-            status, reason = "uncertain", f"patches disagree on astigmatism by {math.hypot(spread[1], spread[2]):.2f} um"
-        return Correction(wd_um=float(mean[0]), astig_x_um=float(mean[1]), astig_y_um=float(mean[2]),
+            status, extra = "uncertain", {"reason": f"patches disagree on wd by {spread[0]:.2f} um"}
+        elif astig_spread > s.max_spread_astig_um + 0.2 * math.hypot(ax, ay):
+            # Far from focus the defocus disc dwarfs the astigmatic ellipticity, so the patches agree on wd
+            # long before they agree on astigmatism: answer the wd step alone rather than nothing (the
+            # astigmatism is measured again closer to focus).
+            extra = {"astig_uncertain": True, "astig_um_unapplied": [ax, ay],
+                     "reason": f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"}
+            ax = ay = 0.0
+        sx, sy = self.calibration.units(ax, ay)
+        return Correction(wd_um=float(mean[0]), astig_x_um=ax, astig_y_um=ay,
                           stig_x=sx, stig_y=sy, uncertainty_wd_um=float(spread[0]), uncertainty_stig=unc_stig,
                           score=float(pred[:, 3].mean()), status=status, model_id=self.model_id,
                           n_patches=int(valid.sum()),
                           timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
-                          extra={"reason": reason} if reason else {})
+                          extra=extra)
 
     def _uncertain(self, reason: str, timings: dict, n: int) -> Correction:
         return Correction(wd_um=0.0, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0,

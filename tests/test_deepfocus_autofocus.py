@@ -113,3 +113,26 @@ def test_a_consistent_scale_error_is_learned_and_divided_out(small_scope):
     res = autofocus(sem, Scripted([corr(10.0), corr(3.0), corr(0.0)]), AutofocusSettings(max_iterations=3))
     assert res.trace[1].wd_gain == pytest.approx(0.7)
     assert (sem.get_wd_m() - wd0) * 1e6 == pytest.approx(10.0 + 3.0 / 0.7, abs=1e-6)
+
+
+def wd_only(wd_um):
+    return Correction(wd_um, 0.0, 0.0, 0.0, 0.0, 0.5, 5.0,
+                      extra={"astig_uncertain": True, "reason": "patches disagree on astigmatism: wd only"})
+
+
+def test_a_wd_only_answer_moves_wd_keeps_the_stigmators_and_goes_on(small_scope):
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    # the stigmator uncertainty (5 units) would refuse a full answer; a wd-only one carries no stigmator step
+    res = autofocus(sem, Scripted([wd_only(12.0), corr(1.0, 0.3, -0.2), corr(0.1, 0.01, 0.0)]))
+    assert res.outcome == "converged" and res.iterations == 3
+    first = res.trace[0]
+    assert first.applied_wd_m - wd0 == pytest.approx(12e-6, abs=1e-9)
+    assert first.applied_stig == pytest.approx(st0)
+    assert res.trace[1].applied_stig == pytest.approx((st0[0] + 0.3, st0[1] - 0.2))
+
+
+def test_a_small_wd_only_answer_never_counts_as_converged(small_scope):
+    # wd is within tolerance but the astigmatism is unknown: the loop must not stop there
+    res = autofocus(small_scope.sem, Scripted([wd_only(0.1)]), AutofocusSettings(max_iterations=3))
+    assert res.outcome == "iteration_limit" and res.iterations == 3

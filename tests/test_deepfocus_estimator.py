@@ -179,3 +179,23 @@ def test_settings_without_a_patch_size_take_the_models():
     from deepfocus.models import SpectralNet
     est = DeepFocusEstimator(SpectralNet(), {"patch_px": 128}, settings=EstimatorSettings(n_patches=5), device="cpu")
     assert est.settings.patch_px == 128 and est.settings.n_patches == 5
+
+
+class _AgreeOnWd(torch.nn.Module):
+    """Every patch answers wd 20 um; astigmatism alternates +-3 um between patches."""
+
+    def forward(self, pair: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        n = pair.shape[0]
+        sign = (torch.arange(n) % 2 * 2 - 1).float()
+        return torch.stack([torch.full((n,), 20.0), 3.0 * sign, torch.zeros(n), torch.zeros(n)], dim=1)
+
+
+def test_patches_that_disagree_only_on_astigmatism_give_a_wd_only_answer(pair):
+    from deepfocus.estimator import DeepFocusEstimator
+    est = DeepFocusEstimator(_AgreeOnWd(), {"perturbation_um": 5.0, "patch_px": 128})
+    c = est.estimate(*pair, 10e-9, 5e-6)
+    assert c.status == "ok"
+    assert c.wd_um == pytest.approx(20.0)
+    assert (c.astig_x_um, c.astig_y_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0, 0.0)
+    assert c.extra["astig_uncertain"] and "wd only" in c.extra["reason"]
+    assert c.uncertainty_stig > 1.0          # the spread is still reported

@@ -23,7 +23,7 @@ from .correction import Correction, Estimator
 from .features import structure_ratio
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "spectral_v3.pt"
+DEFAULT_MODEL = MODELS_DIR / "spectral_v4.pt"
 PIXEL_SIZE_RANGE_M = (0.5e-9, 200e-9)
 
 

@@ -35,8 +35,17 @@ def read_image(path: Path):
         if img is None:
             raise ValueError(f"cannot read image {str(path)!r}")
         if img.ndim == 3:
-            img = cv2.cvtColor(img[..., :3], cv2.COLOR_BGR2GRAY)
+            img = img[..., 2::-1]          # OpenCV reads BGR(A); the colour check below wants RGB
     img = np.asarray(img)
+    # a single page saved with a leading axis (1, H, W), as some acquisition tools write it
+    while img.ndim > 2 and img.shape[0] == 1:
+        img = img[0]
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        rgb = img[..., :3]
+        if (rgb == rgb[..., :1]).all():     # grey saved as RGB(A): take it as it is
+            img = rgb[..., 0]
+        else:
+            raise ValueError(f"{str(path)!r} is a colour image: give the detector's grey image")
     if img.ndim != 2:
         raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
     return img

@@ -199,3 +199,26 @@ def test_patches_that_disagree_only_on_astigmatism_give_a_wd_only_answer(pair):
     assert (c.astig_x_um, c.astig_y_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0, 0.0)
     assert c.extra["astig_uncertain"] and "wd only" in c.extra["reason"]
     assert c.uncertainty_stig > 1.0          # the spread is still reported
+
+
+def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colour(tmp_path):
+    import cv2
+    import tifffile
+
+    from deepfocus.cli import read_image
+    grey = (np.arange(64 * 80).reshape(64, 80) % 251).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([grey] * 3))
+    cv2.imwrite(str(tmp_path / "rgba.png"), np.dstack([grey] * 3 + [np.full_like(grey, 255)]))
+    tifffile.imwrite(tmp_path / "page.tif", (grey.astype(np.uint16) * 200)[None])
+    for name in ("grey.png", "rgb.png", "rgba.png"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), grey)
+    page = read_image(tmp_path / "page.tif")
+    assert page.dtype == np.uint16 and page.shape == grey.shape
+    colour = np.dstack([grey, grey // 2, grey])
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    with pytest.raises(ValueError, match="colour image"):
+        read_image(tmp_path / "colour.png")
+    tifffile.imwrite(tmp_path / "stack.tif", np.stack([grey, grey]))
+    with pytest.raises(ValueError, match="single grey image"):
+        read_image(tmp_path / "stack.tif")

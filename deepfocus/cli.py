@@ -22,35 +22,6 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def read_image(path: Path):
-    import numpy as np
-    if not path.is_file():
-        raise ValueError(f"image {str(path)!r} does not exist")
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
-        img = tifffile.imread(path)
-    else:
-        import cv2
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if img is None:
-            raise ValueError(f"cannot read image {str(path)!r}")
-        if img.ndim == 3:
-            img = img[..., 2::-1]          # OpenCV reads BGR(A); the colour check below wants RGB
-    img = np.asarray(img)
-    # a single page saved with a leading axis (1, H, W), as some acquisition tools write it
-    while img.ndim > 2 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim == 3 and img.shape[-1] in (3, 4):
-        rgb = img[..., :3]
-        if (rgb == rgb[..., :1]).all():     # grey saved as RGB(A): take it as it is
-            img = rgb[..., 0]
-        else:
-            raise ValueError(f"{str(path)!r} is a colour image: give the detector's grey image")
-    if img.ndim != 2:
-        raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
-    return img
-
-
 def _estimator_from_args(args):
     """The shipped or named model, calibrated for ``--profile`` (stigmator units, aperture angle) if given."""
     from hardware.config import load_profile
@@ -79,6 +50,7 @@ def predict_command(args) -> int:
         from .service.cli import predict_remote
         return predict_remote(args)
     try:
+        from .sbemimage import read_image
         minus, plus = read_image(args.minus), read_image(args.plus)
         est = _estimator_from_args(args)
         d = args.perturbation_um * 1e-6 if args.perturbation_um is not None else None

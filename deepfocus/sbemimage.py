@@ -147,12 +147,16 @@ def read_image(path: str | Path) -> np.ndarray:
             with Image.open(path) as im:
                 img = np.asarray(im)
     img = np.asarray(img)
+    # a single page saved with a leading axis (1, H, W), as some acquisition tools write it
+    while img.ndim > 2 and img.shape[0] == 1:
+        img = img[0]
     if img.ndim == 3 and img.shape[-1] in (3, 4):
-        # a grey image some software saved as RGB: the channels are equal
-        img = img[..., 0]
-    img = np.squeeze(img)
+        rgb = img[..., :3]
+        if not (rgb == rgb[..., :1]).all():
+            raise ValueError(f"{str(path)!r} is a colour image: give the detector's grey image")
+        img = rgb[..., 0]                   # grey some software saved as RGB(A)
     if img.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D grey image, got shape {img.shape}")
+        raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
     return img
 
 

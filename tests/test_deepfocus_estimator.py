@@ -205,7 +205,7 @@ def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colo
     import cv2
     import tifffile
 
-    from deepfocus.cli import read_image
+    from deepfocus.sbemimage import read_image
     grey = (np.arange(64 * 80).reshape(64, 80) % 251).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "grey.png"), grey)
     cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([grey] * 3))

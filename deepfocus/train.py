@@ -253,6 +253,7 @@ class Optimisation:
         self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
         self.path = Path(cfg.run_dir) / "checkpoint.pt"
+        self._last_save = time.time()
 
     def resume(self, log) -> tuple[int, dict]:
         """(step, best validation) from the checkpoint, or a fresh start."""
@@ -275,6 +276,12 @@ class Optimisation:
         torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                     "scheduler": self.sched.state_dict(), "step": step, "best": best, "config": asdict(self.cfg)}, tmp)
         tmp.rename(self.path)
+        self._last_save = time.time()
+
+    def save_if_due(self, step: int, best: dict) -> None:
+        """Write the checkpoint when ``checkpoint_every_s`` has passed since the last one."""
+        if time.time() - self._last_save > self.cfg.checkpoint_every_s:
+            self.save(step, best)
 
     def step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad()
@@ -313,7 +320,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
     known: list[Path] = []
     tf = tt = None
     rng = np.random.default_rng(cfg.seed + step)
-    t0 = last_ck = time.time()
+    t0 = time.time()
     meta_base = model_meta(cfg)
 
     while step < cfg.steps:
@@ -337,9 +344,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
                 best = record_validation(run, m, best, log, lambda m: export_best(
                     model, run, dict(meta_base, validation=m, train_groups=int(tf.shape[0])), step))
                 model.train()
-        if time.time() - last_ck > cfg.checkpoint_every_s:
-            optim.save(step, best)
-            last_ck = time.time()
+        optim.save_if_due(step, best)
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
     optim.save(step, best)

@@ -162,7 +162,7 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
     meta_base = model_meta(cfg)
 
     p = datagen.PATCH_PX
-    t0 = last_ck = time.time()
+    t0 = time.time()
     last_poll = -math.inf
     step_s, steps_timed = 0.0, 0
     while step < cfg.steps:
@@ -193,10 +193,9 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
             step_s, steps_timed = 0.0, 0
             # best.pt is exported from a CPU copy so that it opens on any machine
             best = record_validation(run, m, best, log, lambda m: export_best(
-                copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format), run, dict(meta_base, validation=m, train_groups=train_set.n_groups), step))
-        if time.time() - last_ck > cfg.checkpoint_every_s:
-            optim.save(step, best)
-            last_ck = time.time()
+                copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format), run,
+                dict(meta_base, validation=m, train_groups=train_set.n_groups), step))
+        optim.save_if_due(step, best)
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
     optim.save(step, best)

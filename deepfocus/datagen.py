@@ -70,12 +70,19 @@ class GenConfig:
     # to the front end is p * alpha_ref / alpha, which makes one map layout mean the same aberration
     # on every aperture angle (the blur depends on alpha |M k| only)
     alpha_ref_mrad: float | None = None
+    # aperture filling other than uniform (optics.aperture_taper, optics.halo_fraction; hardware/sim/optics.py):
+    # [low, high] to draw a profile per microscope, a share ``uniform_share`` of microscopes keeping the disc.
+    # None (the default) draws nothing, which keeps the seeded stream of the runs made before these keys.
+    aperture_taper: tuple[float, float] | None = None
+    halo_fraction: tuple[float, float] | None = None
+    uniform_share: float = 0.25
 
 
-def sample_overrides(rng: np.random.Generator) -> list[str]:
-    """A microscope drawn around setup_a / setup_b: optics, beam, detector, stigmator, scan rotation."""
+def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> list[str]:
+    """A microscope drawn around setup_a / setup_b: optics, beam, detector, stigmator, scan rotation
+    (and the aperture's filling when ``cfg`` asks for it)."""
     u = rng.uniform
-    return [
+    drawn = [
         f"seed={int(rng.integers(1, 2**31))}",
         f"optics.aperture_angle_mrad={u(2.5, 5.5):.3f}",
         f"optics.in_focus_probe_nm={u(2.0, 6.5):.2f}",
@@ -89,6 +96,18 @@ def sample_overrides(rng: np.random.Generator) -> list[str]:
         f"stigmator.scale_um_per_unit={u(1.2, 2.6):.3f}",
         f"scan.rotation_deg={u(-180, 180):.1f}",
     ]
+    if cfg is not None and (cfg.aperture_taper is not None or cfg.halo_fraction is not None):
+        # the same draws whichever branch is taken, so one microscope's profile does not shift the next's stream
+        keep_uniform = rng.random() < cfg.uniform_share
+        taper = u(*cfg.aperture_taper) if cfg.aperture_taper is not None else 0.0
+        with_halo = rng.random() < 0.5
+        halo = u(*cfg.halo_fraction) if cfg.halo_fraction is not None else 0.0
+        halo = halo if with_halo else 0.0
+        width = u(1.2, 2.5)
+        if not keep_uniform:
+            drawn += [f"optics.aperture_taper={taper:.3f}", f"optics.halo_fraction={halo:.3f}",
+                      f"optics.halo_width={width:.3f}"]
+    return drawn
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -188,7 +207,7 @@ def rendered_blocks(specimens: list[SpecimenSpec], n_groups: int, cfg: GenConfig
         if spec.name not in loaded or loaded[spec.name][0] != spec.slices:
             loaded[spec.name] = (spec.slices, spec.load())
         k = min(cfg.pairs_per_microscope, n_groups - done)
-        pairs, targets, p_nm, alpha = render_groups(loaded[spec.name][1], sample_overrides(rng), k, cfg, rng)
+        pairs, targets, p_nm, alpha = render_groups(loaded[spec.name][1], sample_overrides(rng, cfg), k, cfg, rng)
         yield pairs, targets, effective_pixel_size_nm(p_nm, alpha, cfg.alpha_ref_mrad), alpha, spec_i
         done += k
 

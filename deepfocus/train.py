@@ -51,6 +51,9 @@ class TrainConfig:
     validate_every: int = 1000
     min_train_shards: int = 4
     relative_loss_scale_um: float = 0.0
+    # an exported model (TorchScript, same arch and model args) whose weights start a fresh run: fine-tuning
+    # a shipped model on data from other microscopes instead of training from scratch
+    init_from: str | None = None
     model: dict = field(default_factory=dict)
     gen: dict = field(default_factory=dict)
 
@@ -256,8 +259,11 @@ class Optimisation:
         self._last_save = time.time()
 
     def resume(self, log) -> tuple[int, dict]:
-        """(step, best validation) from the checkpoint, or a fresh start."""
+        """(step, best validation) from the checkpoint, or a fresh start (from ``init_from`` when set)."""
         if not self.path.exists():
+            if self.cfg.init_from:
+                self._load_initial(Path(self.cfg.init_from))
+                log(f"starting from the weights of {self.cfg.init_from}")
             return 0, {"mae_wd_um": math.inf}
         # CPU first: a checkpoint written on a GPU resumes on a CPU and the other way round
         ck = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -270,6 +276,20 @@ class Optimisation:
         self.sched.load_state_dict(ck["scheduler"])
         log(f"resumed from {self.path} at step {ck['step']}")
         return ck["step"], ck["best"]
+
+    def _load_initial(self, path: Path) -> None:
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: model file {str(path)!r} does not exist")
+        files = {"meta.json": ""}
+        try:
+            state = torch.jit.load(str(path), map_location="cpu", _extra_files=files).state_dict()
+        except RuntimeError:
+            raise ValueError(f"init_from: {str(path)!r} is not an exported TorchScript model") from None
+        meta = json.loads(files["meta.json"] or "{}")
+        if meta.get("arch", self.cfg.arch) != self.cfg.arch or (meta.get("model_args") or {}) != self.cfg.model:
+            raise ValueError(f"init_from: {str(path)!r} is arch {meta.get('arch')!r} with model args "
+                             f"{meta.get('model_args') or {}}, the config asks for {self.cfg.arch!r} with {self.cfg.model}")
+        self.model.load_state_dict(state)
 
     def save(self, step: int, best: dict) -> None:
         tmp = self.path.with_suffix(".tmp")

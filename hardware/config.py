@@ -31,6 +31,10 @@ class OpticsConfig:
     hysteresis_um: float = 0.15               # half-width of the objective lens' play (backlash) in focus
     image_rotation_deg_per_mm: float = 1.5    # magnetic lens: image rotation per mm of wd change
     image_scale_per_mm: float = 0.002         # relative magnification change per mm of wd change
+    # aperture filling (hardware/sim/optics.py ApertureProfile); 0, 0: uniform, as DESIGN.md's probe
+    aperture_taper: float = 0.0               # current density ~ exp(-taper (theta/alpha)^2); < 0: rim-heavy
+    halo_fraction: float = 0.0                # share of the current scattered into a wide Gaussian halo
+    halo_width: float = 1.5                   # the halo's angular s.d. in units of the aperture angle
 
 
 @dataclass
@@ -378,6 +382,13 @@ def validate(cfg: MicroscopeConfig) -> None:
     for key, v in nonneg.items():
         if v < 0:
             raise ConfigError(f"{key} must not be negative, got {v:g}")
+    if not -5.0 <= cfg.optics.aperture_taper <= 5.0:
+        raise ConfigError(f"optics.aperture_taper must be in [-5, 5] (exp(-taper rho^2) across the aperture), "
+                          f"got {cfg.optics.aperture_taper:g}")
+    if not 0 <= cfg.optics.halo_fraction < 1:
+        raise ConfigError(f"optics.halo_fraction must be in [0, 1), got {cfg.optics.halo_fraction:g}")
+    if not 1 <= cfg.optics.halo_width <= 5:
+        raise ConfigError(f"optics.halo_width must be in [1, 5] aperture angles, got {cfg.optics.halo_width:g}")
     if not 0 <= cfg.detector.yield_min < cfg.detector.yield_max:
         raise ConfigError("detector.yield_min must be >= 0 and below detector.yield_max")
     for key in ("x_mm", "y_mm", "z_mm", "tilt_deg", "rotation_deg"):

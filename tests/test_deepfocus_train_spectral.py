@@ -66,3 +66,46 @@ def test_the_runs_checkpoint_and_best_average_into_a_working_model(run, tmp_path
     plus = (gaussian_filter(base, 2.0) * 60000).astype(np.uint16)
     c = est.estimate(minus, plus, 10e-9)
     assert np.isfinite([c.wd_um, c.astig_x_um, c.astig_y_um]).all()
+
+
+def test_a_fresh_run_starts_from_the_init_model_and_refuses_a_mismatched_one(run, tmp_path):
+    import torch
+
+    from deepfocus.estimator import DEFAULT_MODEL
+    run_dir, _ = run
+    fresh = tmp_path / "finetune"
+    fresh.mkdir()
+    (fresh / "data").symlink_to(run_dir / "data")
+    cfg = TrainConfig(run_dir=str(fresh), seed=5, threads=1, train_shards=2, val_shards=1, groups_per_shard=4,
+                      steps=0, batch_groups=4, validate_every=100, min_train_shards=2, checkpoint_every_s=1e9,
+                      init_from=str(DEFAULT_MODEL), gen={"alpha_ref_mrad": 4.0})
+    logs: list[str] = []
+    train(cfg, log=logs.append)
+    assert any("starting from the weights" in s for s in logs)
+    shipped = torch.jit.load(str(DEFAULT_MODEL), map_location="cpu").state_dict()
+    started = torch.load(fresh / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(shipped[k], started[k]) for k in shipped)
+    # a checkpoint exists now: a second start resumes it rather than reloading the init model
+    logs.clear()
+    train(cfg, log=logs.append)
+    assert any("resumed" in s for s in logs) and not any("starting from" in s for s in logs)
+    with pytest.raises(ValueError, match="init_from"):
+        train(replace(cfg, run_dir=str(tmp_path / "other"), model={"width": 8}), log=lambda s: None)
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        train(replace(cfg, run_dir=str(tmp_path / "other2"), init_from=str(tmp_path / "nope.pt")), log=lambda s: None)
+
+
+def test_generator_draws_aperture_profiles_only_when_asked():
+    plain = datagen.GenConfig()
+    assert datagen.sample_overrides(np.random.default_rng(3)) == \
+        datagen.sample_overrides(np.random.default_rng(3), plain)
+    assert not any("aperture_taper" in o for o in datagen.sample_overrides(np.random.default_rng(3), plain))
+    cfg = datagen.GenConfig(aperture_taper=(-2.0, 3.0), halo_fraction=(0.0, 0.3), uniform_share=0.25)
+    rng = np.random.default_rng(4)
+    draws = [dict(o.split("=") for o in datagen.sample_overrides(rng, cfg)) for _ in range(400)]
+    profiled = [d for d in draws if "optics.aperture_taper" in d]
+    assert 0.65 < len(profiled) / len(draws) < 0.85
+    tapers = np.array([float(d["optics.aperture_taper"]) for d in profiled])
+    halos = np.array([float(d["optics.halo_fraction"]) for d in profiled])
+    assert tapers.min() >= -2.0 and tapers.max() <= 3.0 and (tapers < -1).any() and (tapers > 2).any()
+    assert 0.35 < (halos > 0).mean() < 0.65 and halos.max() <= 0.3

@@ -224,3 +224,44 @@ def test_frames_of_real_em_specimens(em_dir):
     sharp, _ = grab(scope, 0.0, size=256)
     blurred, _ = grab(scope, 10.0, size=256)
     assert sharpness(blurred) < 0.5 * sharpness(sharp)
+
+
+def hankel_otf(u: float, taper: float) -> float:
+    """Reference OTF of an aperture filled as exp(-taper rho^2), by adaptive quadrature (not the simulator's table)."""
+    from scipy import integrate
+    num = integrate.quad(lambda r: math.exp(-taper * r * r) * special.j0(u * r) * r, 0, 1, limit=200)[0]
+    den = integrate.quad(lambda r: math.exp(-taper * r * r) * r, 0, 1)[0]
+    return num / den
+
+
+@pytest.mark.parametrize("taper, halo", [(2.5, 0.0), (-2.0, 0.0), (0.0, 0.35)])
+def test_unevenly_filled_aperture_transfers_its_hankel_transform(taper, halo):
+    """A profile that fills the aperture unevenly (or scatters a halo) blurs by its own transfer function."""
+    spec = white_noise_specimen()
+    overrides = ["optics.image_rotation_deg_per_mm=0", "optics.image_scale_per_mm=0",
+                 f"optics.aperture_taper={taper}", f"optics.halo_fraction={halo}", "optics.halo_width=1.5"]
+    scope = quiet_scope(*overrides, specimen=spec)
+    z_um = 5.0
+    alpha = scope.config.optics.aperture_angle_mrad * 1e-3
+    ref, _ = grab(scope, 0.0, size=512)
+    img, _ = grab(scope, z_um, size=512)
+    p0, k = radial_power(ref)
+    p1, _ = radial_power(img)
+    p_m = 10e-9
+    edges = np.linspace(0.3, 3.0, 12) / (alpha * z_um * 1e-6) * p_m
+    measured = ring_means(p1, k, edges) / ring_means(p0, k, edges)
+    centers_u = 0.5 * (edges[1:] + edges[:-1]) / p_m * alpha * z_um * 1e-6
+    expected = np.array([((1 - halo) * hankel_otf(u, taper) + halo * math.exp(-0.5 * (1.5 * u) ** 2)) ** 2
+                         for u in centers_u])
+    np.testing.assert_allclose(measured, expected, rtol=0.12, atol=0.01)
+    # and it is not the uniform disc's: the check above can tell the profiles apart
+    uniform = (2 * special.j1(centers_u) / centers_u) ** 2
+    assert np.abs(expected - uniform).max() > 0.05
+
+
+@pytest.mark.parametrize("key, value", [("optics.aperture_taper", 6), ("optics.halo_fraction", 1.0),
+                                        ("optics.halo_fraction", -0.1), ("optics.halo_width", 0.5)])
+def test_aperture_profile_beyond_its_range_is_refused(key, value):
+    from hardware.config import ConfigError
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        open_microscope("setup_a", [f"{key}={value}"])

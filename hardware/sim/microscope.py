@@ -226,8 +226,9 @@ class SimulatedMicroscope:
         floor = cfg.optics.in_focus_probe_nm * 1e-9
         defocus = ab.defocus_um * 1e-6
         astig = (ab.astig_x_um * 1e-6, ab.astig_y_um * 1e-6)
+        profile = optics.ApertureProfile(cfg.optics.aperture_taper, cfg.optics.halo_fraction, cfg.optics.halo_width)
         jitter_px = cfg.detector.line_jitter_px
-        margin = int(math.ceil(optics.blur_radius_m(defocus, astig, alpha, floor) / p + 4 * jitter_px)) + 4
+        margin = int(math.ceil(optics.blur_radius_m(defocus, astig, alpha, floor, profile) / p + 4 * jitter_px)) + 4
         margin = min(margin, 2 * max(scan.width_px, scan.height_px))
         hp = scipy.fft.next_fast_len(scan.height_px + 2 * margin, real=True)
         wp = scipy.fft.next_fast_len(scan.width_px + 2 * margin, real=True)
@@ -242,7 +243,7 @@ class SimulatedMicroscope:
             sharp = np.full((hp, wp), wafer_yield, np.float32)
         else:
             sharp = self._sample_section(sec, bx, by, scan, hp, wp, dmin, dmax, wafer_yield)
-        blurred = optics.apply_probe(sharp, p, defocus, astig, alpha, floor)
+        blurred = optics.apply_probe(sharp, p, defocus, astig, alpha, floor, profile)
         # line jitter: each line starts at a slightly different x (scan generator noise)
         cy0 = (hp - scan.height_px) // 2
         cx0 = (wp - scan.width_px) // 2

@@ -1,4 +1,4 @@
-"""The ``deepfocus`` command: predict, autofocus, bench, train (and the daemon's serve / ping)."""
+"""The ``deepfocus`` command: predict, autofocus, bench, train, evaluate (and the daemon's serve / ping)."""
 from __future__ import annotations
 
 import argparse
@@ -166,6 +166,21 @@ def average_command(args) -> int:
     return EXIT_OK
 
 
+def evaluate_command(args) -> int:
+    from .evaluate import evaluate_models
+    try:
+        res = evaluate_models(args.model, args.shards, args.kind)
+    except (OSError, ValueError) as exc:
+        print(f"deepfocus evaluate: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    for path, m in res.items():
+        print(json.dumps(_json_safe(dict(m, model=path))) if args.json else
+              f"{path}: MAE wd {m['mae_wd_um']:.3f} um, astig {m['mae_astig_um']:.3f} um; within 10 um of focus "
+              f"{m['mae_wd_um_within_10um']:.3f} / {m['mae_astig_um_within_10um']:.3f} um; within 1 um and "
+              f"0.5 um {m['within_1um_0.5um']:.3f}; slope {m['slope_wd_1_20um']:.3f} ({m['n_groups']} groups)")
+    return EXIT_OK
+
+
 def train_command(args) -> int:
     from .train import TrainConfig, generate, train
     cfg = TrainConfig.load(args.config)
@@ -256,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-only", action="store_true")
     t.add_argument("--max-seconds", type=float, default=None)
     t.set_defaults(func=train_command)
+
+    e = sub.add_parser("evaluate", help="validation figures of exported models on a training run's shards")
+    e.add_argument("--model", type=Path, action="append", required=True, help="exported model (repeat to compare)")
+    e.add_argument("--shards", type=Path, required=True, help="a run's data folder (RUN_DIR/data)")
+    e.add_argument("--kind", choices=["val", "train"], default="val")
+    e.add_argument("--json", action="store_true", help="one JSON line per model")
+    e.set_defaults(func=evaluate_command)
 
     w = sub.add_parser("average", help="average the weights of snapshots of one training run into one model")
     w.add_argument("inputs", type=Path, nargs="+", help="best.pt exports and/or checkpoint.pt files of one run")

@@ -150,3 +150,20 @@ def test_any_exported_model_scores_on_the_same_validation_groups(trained):
     val = PairShards.load(shard_paths(run / "data", "val"))
     m = evaluate_pairs(SpectralNet().eval(), val, torch.device("cpu"), chunk_groups=1, alpha_ref_mrad=4.0)
     assert m["n_groups"] == 2 and math.isfinite(m["mae_wd_um"])
+
+
+def test_evaluate_command_scores_models_side_by_side_and_names_bad_input(trained, tmp_path, capsys):
+    from deepfocus.estimator import DEFAULT_MODEL
+    from deepfocus.train_images import evaluate_pairs, shard_paths
+    run, _, _ = trained
+    assert cli_main(["evaluate", "--model", str(run / "best.pt"), "--model", str(DEFAULT_MODEL),
+                     "--shards", str(run / "data"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["model"] for r in rows] == [str(run / "best.pt"), str(DEFAULT_MODEL)]
+    direct = evaluate_pairs(torch.jit.load(str(run / "best.pt")), PairShards.load(shard_paths(run / "data", "val")),
+                            torch.device("cpu"))
+    assert rows[0]["mae_wd_um"] == pytest.approx(direct["mae_wd_um"]) and rows[0]["n_groups"] == 2
+    assert cli_main(["evaluate", "--model", str(tmp_path / "none.pt"), "--shards", str(run / "data")]) == 4
+    assert "none.pt' does not exist" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--model", str(DEFAULT_MODEL), "--shards", str(tmp_path)]) == 4
+    assert "no val_*.npz shards" in capsys.readouterr().err

@@ -109,3 +109,23 @@ def test_generator_draws_aperture_profiles_only_when_asked():
     halos = np.array([float(d["optics.halo_fraction"]) for d in profiled])
     assert tapers.min() >= -2.0 and tapers.max() <= 3.0 and (tapers < -1).any() and (tapers > 2).any()
     assert 0.35 < (halos > 0).mean() < 0.65 and halos.max() <= 0.3
+
+
+def test_evaluate_reads_feature_shards_with_spectral_models_only(run, tmp_path):
+    import torch
+
+    from deepfocus.evaluate import evaluate_models
+    from deepfocus.models import BaselineNet
+    from deepfocus.train import _load_shards, evaluate
+    from deepfocus.train import export as export_model
+    run_dir, _ = run
+    res = evaluate_models([run_dir / "best.pt"], run_dir / "data")
+    net = torch.jit.load(str(run_dir / "best.pt"))
+    from deepfocus.models import SpectralNet
+    plain = SpectralNet()
+    plain.load_state_dict(net.state_dict())
+    direct = evaluate(plain, *_load_shards(shard_paths(run_dir / "data", "val")))
+    assert res[str(run_dir / "best.pt")]["mae_wd_um"] == pytest.approx(direct["mae_wd_um"])
+    export_model(BaselineNet(channels=(4, 4, 4, 4, 4, 4, 4)), tmp_path / "base.pt", {"arch": "baseline"})
+    with pytest.raises(ValueError, match="evaluate it on pair shards"):
+        evaluate_models([tmp_path / "base.pt"], run_dir / "data")

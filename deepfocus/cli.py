@@ -106,6 +106,48 @@ def autofocus_command(args) -> int:
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
+def calibrate_command(args) -> int:
+    from hardware.factory import open_microscope
+    from hardware.sim.specimen import load_specimen
+
+    from .autofocus import AutofocusSettings, autofocus
+    from .calibrate import calibrate
+    from .estimator import load_estimator_for
+    log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
+    try:
+        spec = load_specimen(args.specimen) if args.specimen else None
+        scope = open_microscope(args.profile, args.set or [], specimen=spec)
+        est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args))
+    except (OSError, ValueError) as exc:
+        print(f"deepfocus calibrate: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0], height_px=args.frame_px[1],
+                 dwell_s=args.dwell_ns * 1e-9)
+    if args.focus_first:
+        # with the old calibration the loop may stop short of the margin; near focus is enough for the fits
+        r = autofocus(sem, est, AutofocusSettings(max_iterations=args.iterations))
+        log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
+    try:
+        res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg, log=log)
+    except RuntimeError as exc:
+        print(f"deepfocus calibrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    out = res.to_dict()
+    if scope.sim is not None:
+        st = scope.config.stigmator
+        out["simulated_truth"] = {"stig_rotation_deg": st.rotation_deg, "stig_scale_um_per_unit": st.scale_um_per_unit,
+                                  "optics.aperture_angle_mrad": scope.config.optics.aperture_angle_mrad}
+    if args.json:
+        print(json.dumps(_json_safe(out)))
+    else:
+        print(f"# wd answers scaled by {res.wd_scale:.3f} with the configured angle, {res.final_wd_scale:.3f} with "
+              f"{res.aperture_angle_mrad:.3f} mrad (rms misfit {res.wd_residual_um:.2f} um), stigmator fit "
+              f"rms {res.stig_residual_um:.2f} um, {res.frames} frames; put in the microscope's YAML:")
+        print(res.yaml_snippet(), end="")
+    return EXIT_OK
+
+
 def bench_command(args) -> int:
     from .bench import BenchConfig, run_bench, write
     cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
@@ -245,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--start-stig", type=float, nargs=2, default=None, help="initial stigmator offset (units)")
     a.add_argument("--json", action="store_true", help="one line of JSON")
     a.set_defaults(func=autofocus_command)
+
+    c = sub.add_parser("calibrate", help="measure the wd scale (effective aperture angle) and the stigmator "
+                                         "matrix from known steps, for the microscope's YAML")
+    sim_args(c)
+    c.set_defaults(dwell_ns=100.0, iterations=4)
+    c.add_argument("--specimen", default=None)
+    c.add_argument("--pixel-size-nm", type=float, default=10.0)
+    c.add_argument("--frame-px", type=int, nargs=2, default=(512, 512))
+    c.add_argument("--no-focus-first", dest="focus_first", action="store_false",
+                   help="calibrate around the current settings without running the autofocus first")
+    c.add_argument("--json", action="store_true", help="one line of JSON")
+    c.set_defaults(func=calibrate_command)
 
     b = sub.add_parser("bench", help="closed-loop comparison of methods on the simulated microscope")
     sim_args(b)

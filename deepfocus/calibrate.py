@@ -1,0 +1,184 @@
+"""Measure a microscope's DeepFocus calibration with DeepFocus itself: wd scale (effective aperture) and stigmators.
+
+A model answers in um of aberration by reading how wide the defocused spot is, which it
+converts with the aperture angle in the microscope's YAML. A column whose aperture is
+not filled uniformly, or whose aperture angle is not what the facility believes, makes
+the spot narrower or wider than that angle says, and every answer comes out scaled
+(on the simulator, an aperture filled as exp(-2.5 rho^2) scales them by 0.79 and the
+loop needs a third iteration). The stigmators' rotation and scale are unknown on a new
+installation (``setup_b``).
+
+Both are linear, so both are measured from known steps around the current setting,
+without knowing where focus is:
+
+- wd: pairs at wd0 + D_i. The correction to add is c - D_i for an unknown c, and the
+  model answers s (c - D_i): the fitted slope of answers against D_i is -s. The
+  answers do not scale exactly as 1 / aperture angle (measured: believing 5.2 mrad on a
+  4.0 mrad column scales them by 0.63, not 0.77), so the angle is searched: the series
+  is repeated with the angle updated (secant on log angle against log s) until s is 1
+  within ``scale_tolerance`` or ``max_rounds`` series were taken.
+- stigmators: pairs at stig0 + delta_j. The astigmatism answered (um, image frame, divided
+  by s) is b - A delta_j, A being the um per unit matrix: a least-squares fit gives A,
+  and ``calibration.stig_matrix`` = inverse of A (units per um). Its nearest rotation
+  and scale (in the scan's own frame, like the YAML keys) are reported beside it.
+
+Start near focus (run the autofocus first, even with the old calibration): the answers
+are most precise there. Settings are restored afterwards, also on errors.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from hardware.sem import SEM
+
+from .autofocus import acquire_pair
+
+
+@dataclass
+class CalibrationSettings:
+    wd_offsets_um: tuple[float, ...] = (-12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0)
+    stig_offsets: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)     # units, along x then along y
+    perturbation_m: float | None = None                           # the estimator's own when None
+    min_points: int = 5                                           # per fit, after refusals
+    max_rounds: int = 4                                           # wd series, each with an updated angle
+    scale_tolerance: float = 0.03                                 # |s - 1| that ends the search
+
+
+@dataclass
+class CalibrationResult:
+    wd_scale: float                      # answers / true corrections with the configured angle (1: it is right)
+    final_wd_scale: float                # the same with the angle found (within the tolerance unless rounds ran out)
+    configured_aperture_angle_mrad: float
+    aperture_angle_mrad: float           # effective: what calibration.aperture_angle_mrad should say
+    wd_residual_um: float                # rms of the wd fit
+    stig_matrix: list[list[float]]       # units per um of image-frame astigmatism (calibration.stig_matrix)
+    stig_rotation_deg: float             # nearest rotation and scale, scan frame (calibration.stig_*)
+    stig_scale_um_per_unit: float
+    stig_non_similarity: float           # relative misfit of rotation + scale against the full matrix
+    stig_residual_um: float              # rms of the astigmatism fit
+    frames: int
+    rounds: list = field(default_factory=list)     # [aperture angle mrad, scale] per wd series
+    points: dict = field(default_factory=dict)
+
+    def yaml_snippet(self) -> str:
+        m = self.stig_matrix
+        return ("calibration:\n"
+                f"  aperture_angle_mrad: {self.aperture_angle_mrad:.3f}\n"
+                f"  stig_rotation_deg: {self.stig_rotation_deg:.1f}\n"
+                f"  stig_scale_um_per_unit: {self.stig_scale_um_per_unit:.3f}\n"
+                + (f"  stig_matrix: [[{m[0][0]:.4f}, {m[0][1]:.4f}], [{m[1][0]:.4f}, {m[1][1]:.4f}]]\n"
+                   if self.stig_non_similarity > 0.05 else ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _answer(sem: SEM, estimator, d: float):
+    minus, plus = acquire_pair(sem, d)
+    c = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
+    return c if c.status == "ok" and not c.extra.get("astig_uncertain") else None
+
+
+def _wd_series(sem: SEM, estimator, wd0: float, d: float, s: CalibrationSettings, log) -> list[tuple[float, float]]:
+    pts = []
+    for off in s.wd_offsets_um:
+        sem.set_wd_m(wd0 + off * 1e-6)
+        c = _answer(sem, estimator, d)
+        log(f"wd {off:+.1f} um: " + (f"answer {c.wd_um:+.2f} um" if c else "refused"))
+        if c is not None:
+            pts.append((off, c.wd_um))
+    sem.set_wd_m(wd0)
+    if len(pts) < s.min_points:
+        raise RuntimeError(f"only {len(pts)} of {len(s.wd_offsets_um)} wd steps were answered (need "
+                           f"{s.min_points}): is there structure in the field of view and is focus near?")
+    return pts
+
+
+def _fit_scale(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    off, ans = np.array(pts).T
+    slope, intercept = np.polyfit(off, ans, 1)
+    scale = -float(slope)
+    if not scale > 0.2:
+        raise RuntimeError(f"the wd answers do not follow the wd steps (fitted scale {scale:.2f}); "
+                           "the estimator does not see this microscope's blur")
+    return scale, float(np.sqrt(np.mean((ans - (slope * off + intercept)) ** 2)))
+
+
+def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_rotation_deg: float = 0.0,
+              settings: CalibrationSettings | None = None, log=lambda s: None) -> CalibrationResult:
+    """Find the aperture angle that makes the wd answers true to scale, then fit the stigmator matrix.
+
+    ``estimator`` is a DeepFocus estimator (its ``aperture_angle_mrad`` is varied during the search and
+    set back afterwards). The microscope's wd and stigmators are restored afterwards, also on errors.
+    """
+    s = settings or CalibrationSettings()
+    d = s.perturbation_m if s.perturbation_m is not None else float(estimator.perturbation_m)
+    wd0, stig0 = sem.get_wd_m(), sem.get_stig()
+    alpha_was = estimator.aperture_angle_mrad
+    st_pts: list[tuple[float, float, float, float]] = []
+    rounds: list[list[float]] = []
+    try:
+        alpha = float(configured_aperture_angle_mrad)
+        while True:
+            estimator.aperture_angle_mrad = alpha
+            wd_pts = _wd_series(sem, estimator, wd0, d, s, log)
+            scale, wd_res = _fit_scale(wd_pts)
+            rounds.append([alpha, scale])
+            log(f"aperture angle {alpha:.3f} mrad: answers scaled by {scale:.3f}")
+            if abs(scale - 1.0) <= s.scale_tolerance or len(rounds) >= s.max_rounds:
+                break
+            if len(rounds) == 1:
+                alpha *= scale
+            else:
+                (a0, s0), (a1, s1) = rounds[-2], rounds[-1]
+                if abs(math.log(s1) - math.log(s0)) < 1e-6:
+                    alpha *= scale
+                else:   # secant on log s against log alpha
+                    la = math.log(a1) - math.log(s1) * (math.log(a1) - math.log(a0)) / (math.log(s1) - math.log(s0))
+                    alpha = float(np.clip(math.exp(la), a1 / 2, a1 * 2))
+        for axis in (0, 1):
+            for off in s.stig_offsets:
+                delta = (off, 0.0) if axis == 0 else (0.0, off)
+                sem.set_stig(stig0[0] + delta[0], stig0[1] + delta[1])
+                c = _answer(sem, estimator, d)
+                log(f"stig {'xy'[axis]} {off:+.2f}: " +
+                    (f"astig {c.astig_x_um:+.2f}, {c.astig_y_um:+.2f} um" if c else "refused"))
+                if c is not None:
+                    st_pts.append((delta[0], delta[1], c.astig_x_um, c.astig_y_um))
+    finally:
+        estimator.aperture_angle_mrad = alpha_was
+        sem.set_wd_m(wd0)
+        sem.set_stig(*stig0)
+    if len(st_pts) < max(s.min_points, 3):
+        raise RuntimeError(f"only {len(st_pts)} of {2 * len(s.stig_offsets)} stigmator steps were answered "
+                           f"(need {max(s.min_points, 3)})")
+    pts = np.array(st_pts)
+    design = np.column_stack([np.ones(len(pts)), pts[:, 0], pts[:, 1]])
+    # the astigmatism answered with the angle found, corrected for the scale left (within the tolerance)
+    coef, *_ = np.linalg.lstsq(design, pts[:, 2:] / scale, rcond=None)
+    # astig answered = b - A delta: the (2 x 2) block of the fit is -A transposed
+    um_per_unit = -coef[1:].T
+    st_res = float(np.sqrt(np.mean((design @ coef - pts[:, 2:] / scale) ** 2)))
+    rot_img, sc = _nearest_similarity(um_per_unit)
+    sim = sc * np.array([[math.cos(math.radians(rot_img)), -math.sin(math.radians(rot_img))],
+                         [math.sin(math.radians(rot_img)), math.cos(math.radians(rot_img))]])
+    non_sim = float(np.linalg.norm(um_per_unit - sim) / np.linalg.norm(um_per_unit))
+    # the YAML's rotation is in the scan's own frame; a scan rotated by phi turns astigmatism by -2 phi
+    rot_scan = (rot_img + 2.0 * scan_rotation_deg + 180.0) % 360.0 - 180.0
+    frames = 2 * (len(rounds) * len(s.wd_offsets_um) + 2 * len(s.stig_offsets))
+    return CalibrationResult(
+        wd_scale=rounds[0][1], final_wd_scale=scale, configured_aperture_angle_mrad=configured_aperture_angle_mrad,
+        aperture_angle_mrad=alpha, wd_residual_um=wd_res,
+        stig_matrix=np.linalg.inv(um_per_unit).tolist(), stig_rotation_deg=rot_scan,
+        stig_scale_um_per_unit=sc, stig_non_similarity=non_sim, stig_residual_um=st_res, frames=frames,
+        rounds=rounds, points={"wd": [list(p) for p in wd_pts], "stig": [list(p) for p in st_pts]})
+
+
+def _nearest_similarity(m: np.ndarray) -> tuple[float, float]:
+    """Rotation (deg) and scale of the similarity [[a, -b], [b, a]] nearest to ``m`` (least squares)."""
+    a = (m[0, 0] + m[1, 1]) / 2.0
+    b = (m[1, 0] - m[0, 1]) / 2.0
+    return math.degrees(math.atan2(b, a)), math.hypot(a, b)

@@ -1,0 +1,86 @@
+"""Calibrating a microscope with DeepFocus itself: effective aperture angle and stigmator matrix from known steps."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepfocus.autofocus import AutofocusSettings, autofocus
+from deepfocus.calibrate import calibrate
+from deepfocus.cli import main as cli_main
+from deepfocus.estimator import load_estimator_for
+from hardware.factory import open_microscope
+from hardware.sim.specimen import Specimen, load_specimen
+
+SHARED = Path(os.environ.get("GCIBSEM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FLYEM = SHARED / "data" / "em" / "flyem_fib25_8nm_520.ome.tif"
+needs_flyem = pytest.mark.skipif(not FLYEM.exists(), reason=f"shared EM data not found at {FLYEM}")
+
+
+def focused(*overrides, specimen=None):
+    scope = open_microscope("setup_a", list(overrides), specimen=specimen)
+    scope.sem.set_scan(pixel_size_m=8e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    est = load_estimator_for(scope.config)
+    autofocus(scope.sem, est, AutofocusSettings(max_iterations=4))
+    return scope, est
+
+
+@needs_flyem
+def test_a_wrong_aperture_angle_and_unknown_stigmators_are_measured():
+    # the installation believes 5.2 mrad and an unrotated 2 um/unit stigmator; the column has 4.0 mrad,
+    # stigmators rotated by 35 degrees at 1.6 um/unit
+    scope, est = focused("calibration.aperture_angle_mrad=5.2", "stigmator.rotation_deg=35",
+                         "stigmator.scale_um_per_unit=1.6", specimen=load_specimen(FLYEM))
+    sem = scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    res = calibrate(sem, est, 5.2, scope.config.scan.rotation_deg)
+    assert res.wd_scale < 0.8                      # the believed angle makes every answer too small
+    assert res.aperture_angle_mrad == pytest.approx(4.0, rel=0.06)
+    assert abs(res.final_wd_scale - 1.0) <= 0.03 and est.aperture_angle_mrad == 5.2
+    assert res.stig_rotation_deg == pytest.approx(35.0, abs=5.0)
+    assert res.stig_scale_um_per_unit == pytest.approx(1.6, rel=0.12)
+    assert len(res.rounds) >= 2 and res.frames == 2 * (len(res.rounds) * 7 + 8)
+    assert sem.get_wd_m() == pytest.approx(wd0, abs=1e-12) and sem.get_stig() == pytest.approx(st0)
+    # the measured values make a loop from far away converge where the believed ones were off
+    fixed = open_microscope("setup_a", ["stigmator.rotation_deg=35", "stigmator.scale_um_per_unit=1.6",
+                                        f"calibration.aperture_angle_mrad={res.aperture_angle_mrad}",
+                                        f"calibration.stig_rotation_deg={res.stig_rotation_deg}",
+                                        f"calibration.stig_scale_um_per_unit={res.stig_scale_um_per_unit}"],
+                            specimen=load_specimen(FLYEM))
+    fixed.sem.set_scan(pixel_size_m=8e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    ts = fixed.sim.true_stig()
+    fixed.sem.set_stig(ts[0] + 3.0, ts[1] - 3.0)
+    fixed.sem.set_wd_m(fixed.sim.true_wd_m() + 20e-6)
+    r = autofocus(fixed.sem, load_estimator_for(fixed.config), AutofocusSettings(max_iterations=4))
+    assert r.outcome == "converged"
+    assert abs(fixed.sim.aberration().defocus_um) < 1.0
+    assert np.abs(np.subtract(fixed.sem.get_stig(), fixed.sim.true_stig())).max() < 0.25
+
+
+def test_a_featureless_field_is_a_clear_error_and_the_settings_are_kept():
+    blank = Specimen(np.full((1, 1024, 1024), 0.5, np.float32), 8e-9, 8e-9, name="blank")
+    scope = open_microscope("setup_a", [], specimen=blank)
+    scope.sem.set_scan(pixel_size_m=8e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    sem = scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    with pytest.raises(RuntimeError, match="wd steps were answered"):
+        calibrate(sem, load_estimator_for(scope.config), 4.0)
+    assert sem.get_wd_m() == pytest.approx(wd0, abs=1e-12) and sem.get_stig() == pytest.approx(st0)
+
+
+@needs_flyem
+def test_calibrate_command_prints_the_yaml_keys_and_json(capsys):
+    assert cli_main(["calibrate", "--profile", "setup_a", "--specimen", str(FLYEM), "--pixel-size-nm", "8",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["wd_scale"] == pytest.approx(1.0, abs=0.06)
+    assert out["simulated_truth"]["stig_scale_um_per_unit"] == 2.0
+    assert len(out["stig_matrix"]) == 2 and len(out["points"]["wd"]) >= 5
+    assert cli_main(["calibrate", "--profile", "setup_a", "--specimen", str(FLYEM), "--pixel-size-nm", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "calibration:\n  aperture_angle_mrad:" in text and "stig_scale_um_per_unit" in text
+    assert cli_main(["calibrate", "--profile", "no_such_profile"]) == 4
+    assert "no_such_profile" in capsys.readouterr().err

@@ -15,7 +15,8 @@ without knowing where focus is:
   model answers s (c - D_i): the fitted slope of answers against D_i is -s. The
   answers do not scale exactly as 1 / aperture angle (measured: believing 5.2 mrad on a
   4.0 mrad column scales them by 0.63, not 0.77), so the angle is searched: the series
-  is repeated with the angle updated (secant on log angle against log s) until s is 1
+  is repeated with the angle updated (a secant in log-log, kept inside the bracket once one
+  angle answered too large and another too small) until s is 1
   within ``scale_tolerance`` or ``max_rounds`` series were taken.
 - stigmators: pairs at stig0 + delta_j. The astigmatism answered (um, image frame, divided
   by s) is b - A delta_j, A being the um per unit matrix: a least-squares fit gives A,
@@ -111,7 +112,7 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
               settings: CalibrationSettings | None = None, log=lambda s: None) -> CalibrationResult:
     """Find the aperture angle that makes the wd answers true to scale, then fit the stigmator matrix.
 
-    ``estimator`` is a DeepFocus estimator (its ``aperture_angle_mrad`` is varied during the search and
+    ``estimator`` answers in um and has an ``aperture_angle_mrad`` (DeepFocus, MAPFoSt), varied during the search and
     set back afterwards). The microscope's wd and stigmators are restored afterwards, also on errors.
     """
     s = settings or CalibrationSettings()
@@ -122,23 +123,21 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
     rounds: list[list[float]] = []
     try:
         alpha = float(configured_aperture_angle_mrad)
+        series: dict[float, tuple[list, float]] = {}
         while True:
             estimator.aperture_angle_mrad = alpha
             wd_pts = _wd_series(sem, estimator, wd0, d, s, log)
             scale, wd_res = _fit_scale(wd_pts)
             rounds.append([alpha, scale])
+            series[alpha] = (wd_pts, wd_res)
             log(f"aperture angle {alpha:.3f} mrad: answers scaled by {scale:.3f}")
             if abs(scale - 1.0) <= s.scale_tolerance or len(rounds) >= s.max_rounds:
                 break
-            if len(rounds) == 1:
-                alpha *= scale
-            else:
-                (a0, s0), (a1, s1) = rounds[-2], rounds[-1]
-                if abs(math.log(s1) - math.log(s0)) < 1e-6:
-                    alpha *= scale
-                else:   # secant on log s against log alpha
-                    la = math.log(a1) - math.log(s1) * (math.log(a1) - math.log(a0)) / (math.log(s1) - math.log(s0))
-                    alpha = float(np.clip(math.exp(la), a1 / 2, a1 * 2))
+            alpha = _next_angle(rounds)
+        # the best series found (the last one unless the rounds ran out on noisy answers)
+        alpha, scale = min(rounds, key=lambda r: abs(math.log(r[1])))
+        wd_pts, wd_res = series[alpha]
+        estimator.aperture_angle_mrad = alpha
         for axis in (0, 1):
             for off in s.stig_offsets:
                 delta = (off, 0.0) if axis == 0 else (0.0, off)
@@ -175,6 +174,28 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
         stig_matrix=np.linalg.inv(um_per_unit).tolist(), stig_rotation_deg=rot_scan,
         stig_scale_um_per_unit=sc, stig_non_similarity=non_sim, stig_residual_um=st_res, frames=frames,
         rounds=rounds, points={"wd": [list(p) for p in wd_pts], "stig": [list(p) for p in st_pts]})
+
+
+def _next_angle(rounds: list[list[float]]) -> float:
+    """The next angle to try from [angle, scale] so far: answers shrink as the believed angle grows.
+
+    Unbracketed: angle x scale (exact if the answers went as 1 / angle). Bracketed (a scale above 1 at
+    a smaller angle, one below 1 at a larger): secant in log-log between the tightest pair, kept inside
+    the bracket, and the bracket's geometric middle when noise has made it inconsistent.
+    """
+    alpha, scale = rounds[-1]
+    above = [a for a, sc in rounds if sc > 1.0]
+    below = [a for a, sc in rounds if sc < 1.0]
+    if not above or not below:
+        return float(np.clip(alpha * scale, alpha / 2, alpha * 2))
+    lo, hi = max(above), min(below)
+    if lo >= hi:
+        return math.sqrt(lo * hi)
+    s_lo = dict((a, sc) for a, sc in rounds)[lo]
+    s_hi = dict((a, sc) for a, sc in rounds)[hi]
+    la, lb = math.log(lo), math.log(hi)
+    t = math.log(s_lo) / (math.log(s_lo) - math.log(s_hi))      # where log s crosses 0, as a share of the bracket
+    return math.exp(la + float(np.clip(t, 0.1, 0.9)) * (lb - la))
 
 
 def _nearest_similarity(m: np.ndarray) -> tuple[float, float]:

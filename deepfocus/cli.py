@@ -117,8 +117,9 @@ def calibrate_command(args) -> int:
     try:
         spec = load_specimen(args.specimen) if args.specimen else None
         scope = open_microscope(args.profile, args.set or [], specimen=spec)
-        est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args))
-    except (OSError, ValueError) as exc:
+        est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
+            if args.method == "deepfocus" else _method(args.method, scope, None)
+    except (OSError, ValueError, ImportError) as exc:
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
     sem = scope.sem
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(c)
     c.set_defaults(dwell_ns=100.0, iterations=4)
     c.add_argument("--specimen", default=None)
+    c.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost"),
+                   help="the estimator to calibrate (each answers with its own scale)")
     c.add_argument("--pixel-size-nm", type=float, default=10.0)
     c.add_argument("--frame-px", type=int, nargs=2, default=(512, 512))
     c.add_argument("--no-focus-first", dest="focus_first", action="store_false",

@@ -36,6 +36,15 @@ class MapfostEstimator(Estimator):
         self.radial_aperture = float(radial_aperture)
         self.perturbation_m = float(perturbation_m)
 
+    @property
+    def aperture_angle_mrad(self) -> float:
+        """The aperture angle MAPFoSt models the probe with (what ``deepfocus calibrate`` searches)."""
+        return self.alpha * 1e3
+
+    @aperture_angle_mrad.setter
+    def aperture_angle_mrad(self, value: float) -> None:
+        self.alpha = float(value) * 1e-3
+
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:
         t0 = time.perf_counter()

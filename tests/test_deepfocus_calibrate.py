@@ -84,3 +84,21 @@ def test_calibrate_command_prints_the_yaml_keys_and_json(capsys):
     assert "calibration:\n  aperture_angle_mrad:" in text and "stig_scale_um_per_unit" in text
     assert cli_main(["calibrate", "--profile", "no_such_profile"]) == 4
     assert "no_such_profile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exponent, true_angle", [(1.0, 3.0), (1.6, 4.0), (2.2, 5.5), (1.6, 2.5)])
+def test_angle_search_converges_on_answers_that_scale_as_a_power_of_the_angle(exponent, true_angle):
+    from deepfocus.calibrate import _next_angle
+    rounds = [[4.0, (true_angle / 4.0) ** exponent]]
+    while abs(rounds[-1][1] - 1) > 0.03:
+        assert len(rounds) < 5, rounds
+        a = _next_angle(rounds)
+        rounds.append([a, (true_angle / a) ** exponent])
+    assert rounds[-1][0] == pytest.approx(true_angle, rel=0.03)
+
+
+def test_angle_search_stays_inside_an_inconsistent_bracket():
+    from deepfocus.calibrate import _next_angle
+    # noise: 4.3 answered below 1 but 4.7 answered above it
+    a = _next_angle([[4.0, 1.2], [4.7, 1.05], [4.3, 0.9]])
+    assert 4.3 <= a <= 4.7

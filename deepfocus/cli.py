@@ -47,19 +47,32 @@ def _estimator_settings(args):
 
 def predict_command(args) -> int:
     if getattr(args, "connect", None):
+        local = [f for f, v in (("--profile", args.profile), ("--set", args.set),
+                                ("--aperture-angle-mrad", args.aperture_angle_mrad)) if v]
+        if local:
+            print(f"deepfocus predict: {', '.join(local)} cannot go with --connect: the daemon converts with the "
+                  "microscope config it was started with", file=sys.stderr)
+            return EXIT_INPUT
         from .service.cli import predict_remote
         return predict_remote(args)
     try:
         from .sbemimage import read_image
         minus, plus = read_image(args.minus), read_image(args.plus)
         est = _estimator_from_args(args)
+        if args.aperture_angle_mrad is not None:
+            est.aperture_angle_mrad = est._check_alpha(args.aperture_angle_mrad)
         d = args.perturbation_um * 1e-6 if args.perturbation_um is not None else None
         corr = est.estimate(minus, plus, args.pixel_size_nm * 1e-9, d)
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    alpha = getattr(est, "alpha_ref_mrad", None) and (est.aperture_angle_mrad or est.alpha_ref_mrad)
+    if alpha and est.aperture_angle_mrad is None:
+        # the answers scale with the beam half-angle: say which one they assume
+        print(f"deepfocus predict: no --aperture-angle-mrad or --profile: assuming the model's reference "
+              f"{est.alpha_ref_mrad:g} mrad (answers scale with it; `deepfocus calibrate` measures it)", file=sys.stderr)
     if args.json:
-        print(json.dumps(_json_safe(corr.to_dict())))
+        print(json.dumps(_json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha or None))))
     else:
         print(f"add wd {corr.wd_um:+.3f} um (+- {corr.uncertainty_wd_um:.3f}), stig x {corr.stig_x:+.4f}, "
               f"stig y {corr.stig_y:+.4f} (+- {corr.uncertainty_stig:.4f}); status {corr.status}"
@@ -260,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="TorchScript model (default: the shipped model)")
     p.add_argument("--profile", default=None, help="microscope profile whose calibration converts um to units")
     p.add_argument("--set", action="append", metavar="K=V")
+    p.add_argument("--aperture-angle-mrad", type=float, default=None,
+                   help="beam half-angle of the microscope that took the pair (default: the profile's calibration, "
+                        "else the model's reference)")
     p.add_argument("--device", default="auto")
     p.add_argument("--patches", type=int, default=None, metavar="N", help=PATCHES_HELP)
     p.add_argument("--json", action="store_true")

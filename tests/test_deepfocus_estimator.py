@@ -222,3 +222,31 @@ def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colo
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([grey, grey]))
     with pytest.raises(ValueError, match="single grey image"):
         read_image(tmp_path / "stack.tif")
+
+
+def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys):
+    from deepfocus.autofocus import acquire_pair
+    from deepfocus.cli import main as cli_main
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a")
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    sem.set_wd_m(scope.sim.true_wd_m() - 8e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    a, b = _write_pair(tmp_path, (minus.image, plus.image))
+    base = ["predict", str(a), str(b), "--pixel-size-nm", "10", "--perturbation-um", "5", "--json"]
+    assert cli_main(base) == 0
+    cap = capsys.readouterr()
+    assumed = json.loads(cap.out)
+    assert assumed["aperture_angle_mrad"] == 4.0 and "assuming the model's reference 4 mrad" in cap.err
+    assert cli_main(base + ["--aperture-angle-mrad", "4.0"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["wd_um"] == pytest.approx(assumed["wd_um"]) and "assuming" not in cap.err
+    # believing a wider aperture turns the same blur into a smaller defocus
+    assert cli_main(base + ["--aperture-angle-mrad", "5.5"]) == 0
+    wider = json.loads(capsys.readouterr().out)
+    assert wider["aperture_angle_mrad"] == 5.5 and 0 < wider["wd_um"] < 0.9 * assumed["wd_um"]
+    assert cli_main(base + ["--aperture-angle-mrad", "4000"]) == 4
+    assert "0.3 to 50" in capsys.readouterr().err
+    assert cli_main(base + ["--aperture-angle-mrad", "4", "--connect", "tcp://127.0.0.1:1"]) == 4
+    assert "cannot go with --connect" in capsys.readouterr().err

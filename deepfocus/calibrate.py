@@ -118,6 +118,12 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
     s = settings or CalibrationSettings()
     d = s.perturbation_m if s.perturbation_m is not None else float(estimator.perturbation_m)
     wd0, stig0 = sem.get_wd_m(), sem.get_stig()
+    reach = max(abs(o) for o in s.stig_offsets)
+    lim = float(sem.limits.stig_max)
+    if max(abs(stig0[0]), abs(stig0[1])) + reach > lim:
+        # refuse before any frame: the steps would leave the stigmators' range
+        raise ValueError(f"stigmators at ({stig0[0]:+.2f}, {stig0[1]:+.2f}) with steps of +-{reach:g} units would "
+                         f"leave their range +-{lim:g}: centre them (or use smaller stig_offsets) first")
     alpha_was = estimator.aperture_angle_mrad
     st_pts: list[tuple[float, float, float, float]] = []
     rounds: list[list[float]] = []

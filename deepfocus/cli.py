@@ -144,6 +144,9 @@ def calibrate_command(args) -> int:
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
         res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg, log=log)
+    except ValueError as exc:           # a step beyond the microscope's limits (LimitError is one)
+        print(f"deepfocus calibrate: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     except RuntimeError as exc:
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_FAILED

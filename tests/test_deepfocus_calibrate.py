@@ -102,3 +102,14 @@ def test_angle_search_stays_inside_an_inconsistent_bracket():
     # noise: 4.3 answered below 1 but 4.7 answered above it
     a = _next_angle([[4.0, 1.2], [4.7, 1.05], [4.3, 0.9]])
     assert 4.3 <= a <= 4.7
+
+
+def test_steps_that_would_leave_the_stigmator_range_are_refused_before_any_frame():
+    scope = open_microscope("setup_a", [])
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=8e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    sem.set_stig(9.0, 0.0)
+    frames_before = scope.sim.frames_taken
+    with pytest.raises(ValueError, match="leave their range"):
+        calibrate(sem, load_estimator_for(scope.config), 4.0)
+    assert sem.get_stig() == pytest.approx((9.0, 0.0)) and scope.sim.frames_taken == frames_before

@@ -7,24 +7,12 @@ output and only spectral models with that front end read them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .train import _load_shards, evaluate, shard_paths
-
-
-def _load(path: Path) -> tuple[torch.jit.ScriptModule, dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
-    files = {"meta.json": ""}
-    try:
-        model = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    except RuntimeError:
-        raise ValueError(f"{str(path)!r} is not an exported TorchScript model") from None
-    return model, json.loads(files["meta.json"] or "{}")
+from .train import _load_shards, evaluate, load_exported, shard_paths
 
 
 def shard_kind(paths: list[Path]) -> str:
@@ -49,7 +37,7 @@ def evaluate_models(models: list[Path], shards_dir: Path, kind: str = "val") -> 
     feats = _load_shards(paths) if what == "features" else None
     out = {}
     for path in models:
-        model, meta = _load(Path(path))
+        model, meta = load_exported(path)
         if what == "pairs":
             out[str(path)] = evaluate_pairs(model, pairs, torch.device("cpu"), alpha_ref_mrad=meta.get("alpha_ref_mrad"))
             continue

@@ -248,6 +248,19 @@ def average_weights(inputs: list[Path], out: Path) -> dict:
     return meta
 
 
+def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
+    """An exported model (TorchScript) on the CPU and its ``meta.json``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} does not exist")
+    files = {"meta.json": ""}
+    try:
+        model = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    except RuntimeError:
+        raise ValueError(f"{str(path)!r} is not an exported TorchScript model") from None
+    return model, json.loads(files["meta.json"] or "{}")
+
+
 class Optimisation:
     """Model, AdamW and step schedule of one run, saved to and resumed from ``checkpoint.pt``."""
 
@@ -278,14 +291,11 @@ class Optimisation:
         return ck["step"], ck["best"]
 
     def _load_initial(self, path: Path) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from: model file {str(path)!r} does not exist")
-        files = {"meta.json": ""}
         try:
-            state = torch.jit.load(str(path), map_location="cpu", _extra_files=files).state_dict()
-        except RuntimeError:
-            raise ValueError(f"init_from: {str(path)!r} is not an exported TorchScript model") from None
-        meta = json.loads(files["meta.json"] or "{}")
+            model, meta = load_exported(path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise type(exc)(f"init_from: {exc}") from None
+        state = model.state_dict()
         if meta.get("arch", self.cfg.arch) != self.cfg.arch or (meta.get("model_args") or {}) != self.cfg.model:
             raise ValueError(f"init_from: {str(path)!r} is arch {meta.get('arch')!r} with model args "
                              f"{meta.get('model_args') or {}}, the config asks for {self.cfg.arch!r} with {self.cfg.model}")

@@ -85,18 +85,23 @@ def _method(name: str, scope, model, n_patches: int | None = None):
     return make_method(name, scope.config, model, n_patches)
 
 
+def _open_scope(args):
+    """The microscope of ``--profile``/``--set`` (with ``--specimen``), scanning as the arguments say."""
+    from hardware.factory import open_microscope
+    from hardware.sim.specimen import load_specimen
+    spec = load_specimen(args.specimen) if args.specimen else None
+    scope = open_microscope(args.profile, args.set or [], specimen=spec)
+    scope.sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0],
+                       height_px=args.frame_px[1], dwell_s=args.dwell_ns * 1e-9)
+    return scope
+
+
 def autofocus_command(args) -> int:
     import numpy as np
 
-    from hardware.factory import open_microscope
-    from hardware.sim.specimen import load_specimen
-
     from .autofocus import AutofocusSettings, autofocus, summarise
-    spec = load_specimen(args.specimen) if args.specimen else None
-    scope = open_microscope(args.profile, args.set or [], specimen=spec)
+    scope = _open_scope(args)
     sem = scope.sem
-    sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0], height_px=args.frame_px[1],
-                 dwell_s=args.dwell_ns * 1e-9)
     if scope.sim is not None and (args.start_wd_um or args.start_stig):
         ts = np.array(scope.sim.true_stig())
         sem.set_stig(*(ts + np.array(args.start_stig or (0.0, 0.0))))
@@ -120,24 +125,18 @@ def autofocus_command(args) -> int:
 
 
 def calibrate_command(args) -> int:
-    from hardware.factory import open_microscope
-    from hardware.sim.specimen import load_specimen
-
     from .autofocus import AutofocusSettings, autofocus
     from .calibrate import calibrate
     from .estimator import load_estimator_for
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     try:
-        spec = load_specimen(args.specimen) if args.specimen else None
-        scope = open_microscope(args.profile, args.set or [], specimen=spec)
+        scope = _open_scope(args)
         est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
             if args.method == "deepfocus" else _method(args.method, scope, None)
     except (OSError, ValueError, ImportError) as exc:
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
     sem = scope.sem
-    sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0], height_px=args.frame_px[1],
-                 dwell_s=args.dwell_ns * 1e-9)
     if args.focus_first:
         # with the old calibration the loop may stop short of the margin; near focus is enough for the fits
         r = autofocus(sem, est, AutofocusSettings(max_iterations=args.iterations))

@@ -239,9 +239,22 @@ def evaluate_command(args) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def train_command(args) -> int:
     from .train import TrainConfig, generate, train
     cfg = TrainConfig.load(args.config)
+    if args.threads is not None:
+        # the machine's cores, not the recipe: a run resumed with other threads trains the same model
+        cfg.threads = args.threads
     if not args.train_only:
         generate(cfg)
     if not args.generate_only:
@@ -345,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--generate-only", action="store_true")
     t.add_argument("--train-only", action="store_true")
     t.add_argument("--max-seconds", type=float, default=None)
+    t.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for rendering and training (default: the config's `threads`)")
     t.set_defaults(func=train_command)
 
     e = sub.add_parser("evaluate", help="validation figures of exported models on a training run's shards")

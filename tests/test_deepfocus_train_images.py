@@ -167,3 +167,20 @@ def test_evaluate_command_scores_models_side_by_side_and_names_bad_input(trained
     assert "none.pt' does not exist" in capsys.readouterr().err
     assert cli_main(["evaluate", "--model", str(DEFAULT_MODEL), "--shards", str(tmp_path)]) == 4
     assert "no val_*.npz shards" in capsys.readouterr().err
+
+
+def test_train_threads_option_overrides_the_config_and_refuses_nonsense(tmp_path, monkeypatch, capsys):
+    import deepfocus.train as train_mod
+    seen: list[int] = []
+    monkeypatch.setattr(train_mod, "generate", lambda cfg: seen.append(cfg.threads))
+    monkeypatch.setattr(train_mod, "train", lambda cfg, max_seconds=None: seen.append(cfg.threads) or {})
+    cfg_path = tmp_path / "baseline.yaml"
+    cfg_path.write_text(yaml.safe_dump(asdict(tiny_config(tmp_path / "run", 3))))
+    assert cli_main(["train", "--config", str(cfg_path), "--threads", "2"]) == 0
+    assert seen == [2, 2]
+    seen.clear()
+    assert cli_main(["train", "--config", str(cfg_path)]) == 0
+    assert seen == [1, 1]                   # the config's value
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", "--config", str(cfg_path), "--threads", "0"])
+    assert exc.value.code == 2 and "--threads: must be at least 1" in capsys.readouterr().err

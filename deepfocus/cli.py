@@ -56,6 +56,12 @@ def predict_command(args) -> int:
         from .service.cli import predict_remote
         return predict_remote(args)
     try:
+        from .estimator import PIXEL_SIZE_RANGE_M
+        lo_nm, hi_nm = (v * 1e9 for v in PIXEL_SIZE_RANGE_M)
+        if not lo_nm <= args.pixel_size_nm <= hi_nm:
+            # the usual slip is a pixel size in um or m: name the flag and its unit, not the internal metres
+            raise ValueError(f"--pixel-size-nm {args.pixel_size_nm:g} is outside {lo_nm:g}-{hi_nm:g} nm; give the "
+                             "pixel size in nanometres (10 nm pixels: --pixel-size-nm 10)")
         from .sbemimage import read_image
         minus, plus = read_image(args.minus), read_image(args.plus)
         est = _estimator_from_args(args)

@@ -250,3 +250,13 @@ def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys):
     assert "0.3 to 50" in capsys.readouterr().err
     assert cli_main(base + ["--aperture-angle-mrad", "4", "--connect", "tcp://127.0.0.1:1"]) == 4
     assert "cannot go with --connect" in capsys.readouterr().err
+
+
+def test_predict_names_the_flag_when_the_pixel_size_is_in_the_wrong_unit(tmp_path, pair, model_file):
+    a, b = _write_pair(tmp_path, pair)
+    for wrong in ("0.01", "nan"):            # 10 nm given in um; not a number
+        out = subprocess.run([sys.executable, "-m", "deepfocus.cli", "predict", str(a), str(b), "--pixel-size-nm",
+                              wrong, "--model", str(model_file), "--json"], capture_output=True, text=True, cwd=REPO,
+                             timeout=120)
+        assert out.returncode == 4 and out.stdout == ""
+        assert f"--pixel-size-nm {wrong}" in out.stderr and "nanometres" in out.stderr

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .calibration import StigCalibration
+from .contrast import contrast_ratio, equalise_
 from .correction import Correction, Estimator
 from .features import structure_ratio
 
@@ -93,6 +94,8 @@ class EstimatorSettings:
     min_structure: float = 3.0           # low/high-frequency power ratio; ~1 for noise or a blank frame
     max_spread_wd_um: float = 3.0        # spread allowed on top of 20 % of |wd| before the answer is "uncertain"
     max_spread_astig_um: float = 1.5
+    match_contrast: bool = True          # divide out a contrast change between the two frames (deepfocus.contrast)
+    max_contrast_ratio: float = 1.5      # frames differing more than this in contrast: "uncertain", not a move
 
 
 class DeepFocusEstimator(Estimator):
@@ -185,6 +188,19 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {s.min_patches}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
+        extra: dict = {}
+        if s.match_contrast:
+            cr = contrast_ratio(a, b, pixel_size_m)
+            if cr.ratio is not None:
+                extra["contrast_ratio"] = round(cr.ratio, 4)
+                if not 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
+                    return self._uncertain(
+                        f"the wd + d frame has {cr.ratio:.2f} x the contrast of the wd - d frame on micrometre "
+                        "scales, which defocus does not change: charging, a gain change or automatic "
+                        "brightness/contrast between the frames", {"total": time.perf_counter() - t0},
+                        int(valid.sum()), extra)
+                equalise_(x[:, 0], x[:, 1], cr.ratio, cr.mean_minus * scale - off, cr.mean_plus * scale - off)
+            t1 = time.perf_counter()
         with torch.no_grad():
             out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
         t2 = time.perf_counter()
@@ -194,17 +210,18 @@ class DeepFocusEstimator(Estimator):
         mean = (pred[:, :3] * w[:, None]).sum(axis=0)
         spread = np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
         unc_stig = float(np.linalg.norm(self.calibration.matrix, 2) * math.hypot(spread[1], spread[2]))
-        status, extra = "ok", {}
+        status = "ok"
         ax, ay = float(mean[1]), float(mean[2])
         astig_spread = math.hypot(spread[1], spread[2])
         if spread[0] > s.max_spread_wd_um + 0.2 * abs(mean[0]):
-            status, extra = "uncertain", {"reason": f"patches disagree on wd by {spread[0]:.2f} um"}
+            status = "uncertain"
+            extra["reason"] = f"patches disagree on wd by {spread[0]:.2f} um"
         elif astig_spread > s.max_spread_astig_um + 0.2 * math.hypot(ax, ay):
             # Far from focus the defocus disc dwarfs the astigmatic ellipticity, so the patches agree on wd
             # long before they agree on astigmatism: answer the wd step alone rather than nothing (the
             # astigmatism is measured again closer to focus).
-            extra = {"astig_uncertain": True, "astig_um_unapplied": [ax, ay],
-                     "reason": f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"}
+            extra.update({"astig_uncertain": True, "astig_um_unapplied": [ax, ay],
+                          "reason": f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"})
             ax = ay = 0.0
         sx, sy = self.calibration.units(ax, ay)
         return Correction(wd_um=float(mean[0]), astig_x_um=ax, astig_y_um=ay,
@@ -214,10 +231,11 @@ class DeepFocusEstimator(Estimator):
                           timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
                           extra=extra)
 
-    def _uncertain(self, reason: str, timings: dict, n: int) -> Correction:
+    def _uncertain(self, reason: str, timings: dict, n: int, extra: dict | None = None) -> Correction:
         return Correction(wd_um=0.0, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0,
                           uncertainty_wd_um=float("inf"), uncertainty_stig=float("inf"), status="uncertain",
-                          model_id=self.model_id, n_patches=n, timings_s=timings, extra={"reason": reason})
+                          model_id=self.model_id, n_patches=n, timings_s=timings,
+                          extra=dict(extra or {}, reason=reason))
 
 
 def read_meta(path: Path) -> dict:

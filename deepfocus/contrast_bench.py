@@ -1,0 +1,91 @@
+"""Single-shot wd answers when the two frames of a pair differ in contrast.
+
+On a real microscope the second frame of a pair can come back with another contrast than
+the first: the area was just scanned (charging, contamination), the detector gain drifted,
+or automatic brightness/contrast was left on. The simulator keeps the detector constant
+between the frames, so this check takes simulated pairs and changes the wd + d frame after
+acquisition: a linear contrast stretch about its mean, or a gamma. It reports, per change
+and method, the mean error (bias) and the mean absolute error of the wd answer against the
+truth, and how many answers were "uncertain". DeepFocus runs twice: as shipped (contrast
+matched, ``deepfocus.contrast``) and with the matching off, to show what the matching buys.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from hardware.factory import open_microscope
+from hardware.sim.specimen import load_specimen
+
+from .autofocus import acquire_pair
+from .bench import BenchConfig, make_method
+
+# (name, kind, value): the changes applied to the wd + d frame
+CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain", 1.1),
+           ("gain 1.25", "gain", 1.25), ("gamma 0.9", "gamma", 0.9), ("gamma 1.1", "gamma", 1.1))
+
+
+def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
+    """The frame as float32 with its contrast changed, in the frame's own intensity units."""
+    x = image.astype(np.float32)
+    full = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else float(x.max())
+    if kind == "gain":
+        m = float(x.mean())
+        return m + (x - m) * np.float32(value)
+    if kind == "gamma":
+        return (full * (np.clip(x, 0, None) / full) ** np.float32(value)).astype(np.float32)
+    raise ValueError(f"unknown contrast change {kind!r}; known: gain, gamma")
+
+
+def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),
+                         log=print) -> dict:
+    rng = np.random.default_rng(cfg.seed + 11)
+    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    methods = [m for m in cfg.methods if m != "sweep"]
+    if len(methods) < len(cfg.methods):
+        log("sweep takes its own frames through the microscope: not part of this check")
+    truths, pairs = [], []
+    cfg_micro = None
+    for i in range(n):
+        scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
+                                specimen=specimens[i % len(specimens)])
+        cfg_micro = scope.config
+        sem = scope.sem
+        sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
+                     dwell_s=cfg.dwell_ns * 1e-9)
+        z = rng.uniform(*wd_range_um) * rng.choice([-1, 1])
+        ts = scope.sim.true_stig()
+        sem.set_stig(*ts)
+        sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
+        minus, plus = acquire_pair(sem, 5e-6)
+        truths.append(-(minus.metadata["truth"]["defocus_um"] + plus.metadata["truth"]["defocus_um"]) / 2)
+        pairs.append((minus.image, plus.image))
+    estimators = {m: make_method(m, cfg_micro, cfg.model, cfg.n_patches) for m in methods}
+    if "deepfocus" in estimators:
+        raw = make_method("deepfocus", cfg_micro, cfg.model, cfg.n_patches)
+        raw.settings = replace(raw.settings, match_contrast=False)
+        estimators["deepfocus, contrast not matched"] = raw
+    t = np.array(truths)
+    out: dict[str, dict] = {}
+    for name, kind, value in CHANGES:
+        out[name] = {}
+        for m, est in estimators.items():
+            pred = []
+            for minus, plus in pairs:
+                c = est.estimate(minus.astype(np.float32), change_contrast(plus, kind, value),
+                                 cfg.pixel_size_nm * 1e-9, 5e-6)
+                pred.append(c.wd_um if c.status == "ok" else np.nan)
+            p = np.array(pred)
+            ok = np.isfinite(p)
+            err = p[ok] - t[ok]
+            r = {"bias_wd_um": float(err.mean()) if ok.any() else float("nan"),
+                 "mae_wd_um": float(np.abs(err).mean()) if ok.any() else float("nan"),
+                 "uncertain": int((~ok).sum())}
+            out[name][m] = r
+            log(f"{name:10s} {m:32s} bias {r['bias_wd_um']:+.2f} um  MAE {r['mae_wd_um']:.2f} um  "
+                f"uncertain {r['uncertain']}/{n}")
+    return {"config": {"profile": cfg.profile, "overrides": cfg.overrides, "specimens": cfg.specimens,
+                       "model": cfg.model, "dwell_ns": cfg.dwell_ns, "pixel_size_nm": cfg.pixel_size_nm,
+                       "frame_px": list(cfg.frame_px), "n": n, "wd_range_um": list(wd_range_um), "seed": cfg.seed},
+            "changes": out}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -19,7 +20,6 @@ import numpy as np
 # the band: above every defocus blur the models are trained for (alpha up to 5.5 mrad x |wd| up to 40 um
 # is 0.22 um), below the frame size; measured on setup_a pairs the clean ratio stays within 1 % of 1
 BAND_SIGMA_UM = 0.6
-BAND_WIDTH = 4.0                # the band's outer sigma over its inner one: removes frame-wide shading
 MIN_SIGMAS_PER_FRAME = 6.0      # a frame narrower than this many inner sigmas has too little band to measure
 
 
@@ -31,6 +31,14 @@ class ContrastRatio:
     mean_plus: float = float("nan")
 
 
+@lru_cache(maxsize=8)
+def _surface_basis(h: int, w: int) -> np.ndarray:
+    """Orthonormal columns spanning the quadratic surfaces on an h x w grid (projection = q q^T)."""
+    y, x = np.mgrid[-1:1:h * 1j, -1:1:w * 1j]
+    q, _ = np.linalg.qr(np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=-1).reshape(-1, 6))
+    return np.ascontiguousarray(q, dtype=np.float32)
+
+
 def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float]:
     """(band std, frame mean) of one frame."""
     h, w = (n // factor * factor for n in image.shape)
@@ -38,12 +46,17 @@ def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float
     # block means first (INTER_AREA at a whole-number ratio, cv2's fast path): the band lies far below
     # Nyquist, and blurring the full frame with a sigma of 60+ px would cost more than the network
     small = cv2.resize(src[:h, :w], (w // factor, h // factor), interpolation=cv2.INTER_AREA).astype(np.float32)
+    mean = float(small.mean())
+    # shading across the frame (charging, detector geometry) differs between frames without any optics in
+    # it: a quadratic surface fitted and removed takes it out, where a wider Gaussian would leave it at the
+    # frame's edges
+    q = _surface_basis(*small.shape)
+    v = small.reshape(-1)
+    flat = (v - q @ (q.T @ v)).reshape(small.shape)
     s1 = BAND_SIGMA_UM / (pixel_um * factor)
-    lo = cv2.GaussianBlur(small, (0, 0), s1, borderType=cv2.BORDER_REFLECT)
-    lo2 = cv2.GaussianBlur(small, (0, 0), s1 * BAND_WIDTH, borderType=cv2.BORDER_REFLECT)
+    lo = cv2.GaussianBlur(flat, (0, 0), s1, borderType=cv2.BORDER_REFLECT)
     m = int(math.ceil(2 * s1))
-    band = (lo - lo2)[m:-m, m:-m]
-    return float(band.std()), float(small.mean())
+    return float(lo[m:-m, m:-m].std()), mean
 
 
 def contrast_ratio(minus: np.ndarray, plus: np.ndarray, pixel_size_m: float) -> ContrastRatio:

@@ -4,7 +4,8 @@ On a real microscope the second frame of a pair can come back with another contr
 the first: the area was just scanned (charging, contamination), the detector gain drifted,
 or automatic brightness/contrast was left on. The simulator keeps the detector constant
 between the frames, so this check takes simulated pairs and changes the wd + d frame after
-acquisition: a linear contrast stretch about its mean, or a gamma. It reports, per change
+acquisition: a linear contrast stretch about its mean, a gamma, or a brightness ramp across the
+frame (shading, as charging leaves it). It reports, per change
 and method, the mean error (bias) and the mean absolute error of the wd answer against the
 truth, and how many answers were "uncertain". DeepFocus runs twice: as shipped (contrast
 matched, ``deepfocus.contrast``) and with the matching off, to show what the matching buys.
@@ -23,7 +24,8 @@ from .bench import BenchConfig, make_method
 
 # (name, kind, value): the changes applied to the wd + d frame
 CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain", 1.1),
-           ("gain 1.25", "gain", 1.25), ("gamma 0.9", "gamma", 0.9), ("gamma 1.1", "gamma", 1.1))
+           ("gain 1.25", "gain", 1.25), ("gamma 0.9", "gamma", 0.9), ("gamma 1.1", "gamma", 1.1),
+           ("shading 0.5", "shading", 0.5))
 
 
 def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
@@ -35,7 +37,11 @@ def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
         return m + (x - m) * np.float32(value)
     if kind == "gamma":
         return (full * (np.clip(x, 0, None) / full) ** np.float32(value)).astype(np.float32)
-    raise ValueError(f"unknown contrast change {kind!r}; known: gain, gamma")
+    if kind == "shading":
+        # a brightness ramp across the frame of ``value`` frame standard deviations from edge to edge
+        ramp = np.linspace(-0.5, 0.5, x.shape[1], dtype=np.float32)[None, :]
+        return x + np.float32(value * float(x.std())) * ramp
+    raise ValueError(f"unknown contrast change {kind!r}; known: gain, gamma, shading")
 
 
 def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),

@@ -24,6 +24,9 @@ def test_ratio_ignores_blur_and_measures_gain():
     blurred = ndimage.gaussian_filter(base, 8.0)       # 80 nm at 10 nm pixels: a defocus disc of |wd| ~ 20 um
     assert contrast_ratio(sharp, blurred, 10e-9).ratio == pytest.approx(1.0, abs=0.02)
     assert contrast_ratio(sharp, 1.25 * blurred + 3.0, 10e-9).ratio == pytest.approx(1.25, rel=0.02)
+    # shading across the frame, different in the two frames, is not contrast
+    ramp = np.linspace(-1.0, 1.0, base.shape[1])[None, :]
+    assert contrast_ratio(sharp + ramp, blurred - ramp, 10e-9).ratio == pytest.approx(1.0, abs=0.02)
     # a frame a few band widths across cannot be measured: no answer rather than a guess
     assert contrast_ratio(sharp, blurred, 1e-9).ratio is None
     assert contrast_ratio(np.zeros((768, 1024)), np.zeros((768, 1024)), 10e-9).ratio is None

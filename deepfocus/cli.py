@@ -185,9 +185,9 @@ def bench_command(args) -> int:
         return EXIT_INPUT
     if args.probe_shapes:
         return _probe_shapes(args, cfg)
-    if args.contrast_changes:
-        from .contrast_bench import run_contrast_changes
-        res = run_contrast_changes(cfg, args.contrast_changes, log=lambda s: print(s, file=sys.stderr))
+    if args.frame_artefacts:
+        from .frame_artefacts import run_frame_artefacts
+        res = run_frame_artefacts(cfg, args.frame_artefacts, log=lambda s: print(s, file=sys.stderr))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(_json_safe(res), indent=1))
@@ -364,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--probe-shapes", type=int, default=0, metavar="N",
                    help="instead: N single pairs per probe shape (disc, gauss, halo, rim) blurred from one specimen "
                         "image, predicted vs true wd per shape and method")
-    b.add_argument("--contrast-changes", type=int, default=0, metavar="N",
-                   help="instead: N single pairs whose wd + d frame gets another contrast (gain, gamma) after "
-                        "acquisition; wd bias and MAE per change and method")
+    b.add_argument("--frame-artefacts", type=int, default=0, metavar="N",
+                   help="instead: N single pairs changed after acquisition as real saved frames are (the wd + d "
+                        "frame's gain, gamma, shading; a data bar on both); wd bias and MAE per change and method")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
 

@@ -20,6 +20,7 @@ import torch
 
 from .calibration import StigCalibration
 from .contrast import contrast_ratio, equalise_
+from .databar import scanned_region
 from .correction import Correction, Estimator
 from .features import structure_ratio
 
@@ -96,6 +97,7 @@ class EstimatorSettings:
     max_spread_astig_um: float = 1.5
     match_contrast: bool = True          # divide out a contrast change between the two frames (deepfocus.contrast)
     max_contrast_ratio: float = 1.5      # frames differing more than this in contrast: "uncertain", not a move
+    drop_databar: bool = True            # leave out drawn rows/columns at the frame's edge (deepfocus.databar)
 
 
 class DeepFocusEstimator(Estimator):
@@ -170,6 +172,12 @@ class DeepFocusEstimator(Estimator):
         t0 = time.perf_counter()
         a, b, scale, off = check_pair(minus, plus)
         self._check(a.shape, pixel_size_m, perturbation_m)
+        if np.array_equal(a, b):
+            raise ValueError("the two images are identical: pass the frame taken at wd - d and the one at wd + d")
+        region = scanned_region(a, b) if self.settings.drop_databar else None
+        if region is not None and region.any_dropped:
+            a, b = a[region.rows, region.cols], b[region.rows, region.cols]
+            self._check(a.shape, pixel_size_m, perturbation_m)
         model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
         s = self.settings
         patch = min(s.patch_px, *a.shape)
@@ -188,7 +196,7 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {s.min_patches}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
-        extra: dict = {}
+        extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
         if s.match_contrast:
             cr = contrast_ratio(a, b, pixel_size_m)
             if cr.ratio is not None:

@@ -9,7 +9,6 @@ best points.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 

@@ -1,14 +1,16 @@
-"""Single-shot wd answers when the two frames of a pair differ in contrast.
+"""Single-shot wd answers on pairs with the artefacts of real saved frames.
 
 On a real microscope the second frame of a pair can come back with another contrast than
 the first: the area was just scanned (charging, contamination), the detector gain drifted,
-or automatic brightness/contrast was left on. The simulator keeps the detector constant
-between the frames, so this check takes simulated pairs and changes the wd + d frame after
-acquisition: a linear contrast stretch about its mean, a gamma, or a brightness ramp across the
-frame (shading, as charging leaves it). It reports, per change
-and method, the mean error (bias) and the mean absolute error of the wd answer against the
-truth, and how many answers were "uncertain". DeepFocus runs twice: as shipped (contrast
-matched, ``deepfocus.contrast``) and with the matching off, to show what the matching buys.
+or automatic brightness/contrast was left on; and microscope software draws a data bar
+over the bottom rows of the frames it saves. The simulator keeps the detector constant
+between the frames and saves bare frames, so this check takes simulated pairs and changes
+them after acquisition: the wd + d frame gets a linear contrast stretch about its mean, a
+gamma, or a brightness ramp across the frame (shading, as charging leaves it); or both
+frames get a data bar. It reports, per change and method, the mean error (bias) and the mean
+absolute error of the wd answer against the truth, and how many answers were "uncertain".
+DeepFocus runs twice: as shipped (contrast matched, ``deepfocus.contrast``; data bar left out,
+``deepfocus.databar``) and with both off, to show what they buy.
 """
 from __future__ import annotations
 
@@ -22,10 +24,24 @@ from hardware.sim.specimen import load_specimen
 from .autofocus import acquire_pair
 from .bench import BenchConfig, make_method
 
-# (name, kind, value): the changes applied to the wd + d frame
+RAW = "deepfocus, no frame checks"
+# (name, kind, value): the changes applied to the pair
 CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain", 1.1),
            ("gain 1.25", "gain", 1.25), ("gamma 0.9", "gamma", 0.9), ("gamma 1.1", "gamma", 1.1),
-           ("shading 0.5", "shading", 0.5))
+           ("shading 0.5", "shading", 0.5), ("data bar 80 rows", "databar", 80))
+
+
+def draw_databar(image: np.ndarray, rows: int, wd_text: str) -> np.ndarray:
+    """The frame as float32 with a data bar over its bottom ``rows``: black, white text."""
+    import cv2
+    x = image.astype(np.float32)
+    full = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else float(x.max())
+    text = np.zeros(x.shape, np.uint8)
+    cv2.putText(text, f"EHT = 1.50 kV   WD = {wd_text} mm   Mag = 10.00 K X   Signal A = EsB",
+                (12, x.shape[0] - rows // 2 + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 255, 2)
+    x[-rows:] = 0.0
+    x[text > 0] = full
+    return x
 
 
 def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
@@ -44,7 +60,14 @@ def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
     raise ValueError(f"unknown contrast change {kind!r}; known: gain, gamma, shading")
 
 
-def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),
+def apply_change(minus: np.ndarray, plus: np.ndarray, kind: str, value: float) -> tuple[np.ndarray, np.ndarray]:
+    if kind == "databar":
+        # the bar states each frame's own wd, so its text differs a little between the frames
+        return draw_databar(minus, int(value), "4.495"), draw_databar(plus, int(value), "4.505")
+    return minus.astype(np.float32), change_contrast(plus, kind, value)
+
+
+def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),
                          log=print) -> dict:
     rng = np.random.default_rng(cfg.seed + 11)
     specimens = [load_specimen(p) for p in cfg.specimens] or [None]
@@ -70,8 +93,8 @@ def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, flo
     estimators = {m: make_method(m, cfg_micro, cfg.model, cfg.n_patches) for m in methods}
     if "deepfocus" in estimators:
         raw = make_method("deepfocus", cfg_micro, cfg.model, cfg.n_patches)
-        raw.settings = replace(raw.settings, match_contrast=False)
-        estimators["deepfocus, contrast not matched"] = raw
+        raw.settings = replace(raw.settings, match_contrast=False, drop_databar=False)
+        estimators[RAW] = raw
     t = np.array(truths)
     out: dict[str, dict] = {}
     for name, kind, value in CHANGES:
@@ -79,8 +102,7 @@ def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, flo
         for m, est in estimators.items():
             pred = []
             for minus, plus in pairs:
-                c = est.estimate(minus.astype(np.float32), change_contrast(plus, kind, value),
-                                 cfg.pixel_size_nm * 1e-9, 5e-6)
+                c = est.estimate(*apply_change(minus, plus, kind, value), cfg.pixel_size_nm * 1e-9, 5e-6)
                 pred.append(c.wd_um if c.status == "ok" else np.nan)
             p = np.array(pred)
             ok = np.isfinite(p)
@@ -89,7 +111,7 @@ def run_contrast_changes(cfg: BenchConfig, n: int, wd_range_um: tuple[float, flo
                  "mae_wd_um": float(np.abs(err).mean()) if ok.any() else float("nan"),
                  "uncertain": int((~ok).sum())}
             out[name][m] = r
-            log(f"{name:10s} {m:32s} bias {r['bias_wd_um']:+.2f} um  MAE {r['mae_wd_um']:.2f} um  "
+            log(f"{name:16s} {m:28s} bias {r['bias_wd_um']:+.2f} um  MAE {r['mae_wd_um']:.2f} um  "
                 f"uncertain {r['uncertain']}/{n}")
     return {"config": {"profile": cfg.profile, "overrides": cfg.overrides, "specimens": cfg.specimens,
                        "model": cfg.model, "dwell_ns": cfg.dwell_ns, "pixel_size_nm": cfg.pixel_size_nm,

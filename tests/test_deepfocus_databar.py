@@ -1,0 +1,65 @@
+"""Saved frames with a data bar: the drawn rows are left out, the scanned part answers."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from deepfocus.autofocus import acquire_pair
+from deepfocus.databar import scanned_region
+from deepfocus.estimator import load_estimator_for
+from hardware.factory import open_microscope
+
+BAR_ROWS = 80
+
+
+@pytest.fixture(scope="module")
+def scope_and_pair():
+    scope = open_microscope("setup_a", ["seed=4", "detector.bit_depth=8"])
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=100e-9)
+    sem.set_stig(*scope.sim.true_stig())
+    sem.set_wd_m(scope.sim.true_wd_m() + 9e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    return scope, minus.image, plus.image
+
+
+def with_bar(image: np.ndarray, wd_text: str) -> np.ndarray:
+    """The frame as microscope software saves it: a black bar with white text over the bottom rows."""
+    out = image.copy()
+    out[-BAR_ROWS:] = 0
+    cv2.putText(out, f"EHT = 1.50 kV   WD = {wd_text} mm   Mag = 10.00 K X", (12, out.shape[0] - 30),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.9, 255, 2)
+    return out
+
+
+def test_a_drawn_bar_is_found_and_nothing_in_a_scanned_pair(scope_and_pair):
+    _, minus, plus = scope_and_pair
+    assert not scanned_region(minus, plus).any_dropped
+    region = scanned_region(with_bar(minus, "4.495"), with_bar(plus, "4.505"))
+    assert region.dropped_px == (0, BAR_ROWS, 0, 0)
+    assert region.rows == slice(0, 768 - BAR_ROWS) and region.cols == slice(0, 1024)
+
+
+def test_a_band_too_large_for_a_bar_is_kept(scope_and_pair):
+    _, minus, plus = scope_and_pair
+    a, b = minus.copy(), plus.copy()
+    a[-400:] = b[-400:] = 0                  # half the frame blank in both: not a data bar, the structure test judges
+    assert not scanned_region(a, b).any_dropped
+
+
+def test_the_answer_with_a_bar_is_the_answer_without(scope_and_pair):
+    scope, minus, plus = scope_and_pair
+    est = load_estimator_for(scope.config)
+    clean = est.estimate(minus, plus, 10e-9)
+    barred = est.estimate(with_bar(minus, "4.495"), with_bar(plus, "4.505"), 10e-9)
+    assert clean.status == barred.status == "ok"
+    assert clean.wd_um == pytest.approx(-9.0, abs=1.0)
+    assert barred.wd_um == pytest.approx(clean.wd_um, abs=0.3)
+    assert barred.extra["databar_px"] == [0, BAR_ROWS, 0, 0] and "databar_px" not in clean.extra
+
+
+def test_the_same_frame_twice_is_a_clear_error(scope_and_pair):
+    scope, minus, _ = scope_and_pair
+    with pytest.raises(ValueError, match="identical"):
+        load_estimator_for(scope.config).estimate(minus, minus.copy(), 10e-9)

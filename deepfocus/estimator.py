@@ -172,8 +172,6 @@ class DeepFocusEstimator(Estimator):
         t0 = time.perf_counter()
         a, b, scale, off = check_pair(minus, plus)
         self._check(a.shape, pixel_size_m, perturbation_m)
-        if np.array_equal(a, b):
-            raise ValueError("the two images are identical: pass the frame taken at wd - d and the one at wd + d")
         region = scanned_region(a, b) if self.settings.drop_databar else None
         if region is not None and region.any_dropped:
             a, b = a[region.rows, region.cols], b[region.rows, region.cols]
@@ -196,6 +194,11 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {s.min_patches}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
+        if np.array_equal(a, b):
+            # two scans never agree pixel for pixel: the same frame was passed twice
+            return self._uncertain("the two images are identical: pass the frame taken at wd - d and the one at "
+                                   "wd + d", {"total": time.perf_counter() - t0},
+                                   int(valid.sum()))
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
         if s.match_contrast:
             cr = contrast_ratio(a, b, pixel_size_m)

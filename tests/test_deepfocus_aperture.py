@@ -26,7 +26,8 @@ def textured_pair(n=512, seed=0):
     import cv2
     img = cv2.GaussianBlur(rng.random((n, n)).astype(np.float32), (0, 0), 3)
     img = (img - img.min()) / (img.max() - img.min()) * 60000
-    return img.astype(np.uint16), img.astype(np.uint16)
+    # two scans of the same field: the same texture, its own shot noise each
+    return tuple(np.clip(img + rng.normal(0, 300, img.shape), 0, 65535).astype(np.uint16) for _ in range(2))
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ import torch
 
 from .calibration import StigCalibration
 from .contrast import contrast_ratio, equalise_
-from .databar import scanned_region
 from .correction import Correction, Estimator
+from .databar import scanned_region
 from .features import structure_ratio
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"

@@ -134,6 +134,28 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     return {"config": cfg_dict, "methods": results}
 
 
+def aberrated_scope(cfg: BenchConfig, rng: np.random.Generator, specimen, wd_range_um: tuple[float, float],
+                    stig_range: float):
+    """A fresh microscope scanning as ``cfg`` says, at a random |wd| in ``wd_range_um`` (either sign) from focus
+    and stigmators within +-``stig_range`` of true (none drawn when 0)."""
+    scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
+                            specimen=specimen)
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
+                 dwell_s=cfg.dwell_ns * 1e-9)
+    z = rng.uniform(*wd_range_um) * rng.choice([-1, 1])
+    ts = scope.sim.true_stig()
+    ds = rng.uniform(-stig_range, stig_range, 2) if stig_range > 0 else np.zeros(2)
+    sem.set_stig(float(ts[0] + ds[0]), float(ts[1] + ds[1]))
+    sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
+    return scope
+
+
+def true_correction_um(minus, plus) -> float:
+    """The wd correction to add, from the simulator's truth in the two frames' metadata."""
+    return -(minus.metadata["truth"]["defocus_um"] + plus.metadata["truth"]["defocus_um"]) / 2
+
+
 def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: tuple[float, float] = (1.0, 20.0),
              stig_range: float = 2.0) -> dict:
     """Single-iteration fidelity (thesis fig.): predicted vs true wd correction from one pair."""
@@ -143,22 +165,13 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
     est = None
     true, pred = [], []
     for i in range(n):
-        scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
-                                specimen=specimens[i % len(specimens)])
+        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, stig_range)
         if est is None:
             est = make_method(method, scope.config, cfg.model, cfg.n_patches)
-        sem = scope.sem
-        sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
-                     dwell_s=cfg.dwell_ns * 1e-9)
-        z = rng.uniform(*wd_range_um) * rng.choice([-1, 1])
-        ts = scope.sim.true_stig()
-        ds = rng.uniform(-stig_range, stig_range, 2)
-        sem.set_stig(float(ts[0] + ds[0]), float(ts[1] + ds[1]))
-        sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
         d = est.perturbation_m
-        minus, plus = acquire_pair(sem, d)
+        minus, plus = acquire_pair(scope.sem, d)
         c = est.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
-        true.append(-(minus.metadata["truth"]["defocus_um"] + plus.metadata["truth"]["defocus_um"]) / 2)
+        true.append(true_correction_um(minus, plus))
         pred.append(c.wd_um)
     t, p = np.array(true), np.array(pred)
     slope, offset = np.polyfit(t, p, 1)

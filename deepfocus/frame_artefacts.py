@@ -18,11 +18,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from hardware.factory import open_microscope
 from hardware.sim.specimen import load_specimen
 
 from .autofocus import acquire_pair
-from .bench import BenchConfig, make_method
+from .bench import BenchConfig, aberrated_scope, make_method, true_correction_um
 
 RAW = "deepfocus, no frame checks"
 # (name, kind, value): the changes applied to the pair
@@ -31,11 +30,15 @@ CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain"
            ("shading 0.5", "shading", 0.5), ("data bar 80 rows", "databar", 80))
 
 
+def _full_scale(image: np.ndarray) -> float:
+    return 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else float(image.max())
+
+
 def draw_databar(image: np.ndarray, rows: int, wd_text: str) -> np.ndarray:
     """The frame as float32 with a data bar over its bottom ``rows``: black, white text."""
     import cv2
     x = image.astype(np.float32)
-    full = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else float(x.max())
+    full = _full_scale(image)
     text = np.zeros(x.shape, np.uint8)
     cv2.putText(text, f"EHT = 1.50 kV   WD = {wd_text} mm   Mag = 10.00 K X   Signal A = EsB",
                 (12, x.shape[0] - rows // 2 + 8), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 255, 2)
@@ -47,7 +50,7 @@ def draw_databar(image: np.ndarray, rows: int, wd_text: str) -> np.ndarray:
 def change_contrast(image: np.ndarray, kind: str, value: float) -> np.ndarray:
     """The frame as float32 with its contrast changed, in the frame's own intensity units."""
     x = image.astype(np.float32)
-    full = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else float(x.max())
+    full = _full_scale(image)
     if kind == "gain":
         m = float(x.mean())
         return m + (x - m) * np.float32(value)
@@ -77,18 +80,10 @@ def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, floa
     truths, pairs = [], []
     cfg_micro = None
     for i in range(n):
-        scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={int(rng.integers(1, 2**31))}"],
-                                specimen=specimens[i % len(specimens)])
+        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, 0.0)
         cfg_micro = scope.config
-        sem = scope.sem
-        sem.set_scan(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
-                     dwell_s=cfg.dwell_ns * 1e-9)
-        z = rng.uniform(*wd_range_um) * rng.choice([-1, 1])
-        ts = scope.sim.true_stig()
-        sem.set_stig(*ts)
-        sem.set_wd_m(scope.sim.true_wd_m() + z * 1e-6)
-        minus, plus = acquire_pair(sem, 5e-6)
-        truths.append(-(minus.metadata["truth"]["defocus_um"] + plus.metadata["truth"]["defocus_um"]) / 2)
+        minus, plus = acquire_pair(scope.sem, 5e-6)
+        truths.append(true_correction_um(minus, plus))
         pairs.append((minus.image, plus.image))
     estimators = {m: make_method(m, cfg_micro, cfg.model, cfg.n_patches) for m in methods}
     if "deepfocus" in estimators:

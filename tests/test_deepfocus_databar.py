@@ -1,13 +1,13 @@
 """Saved frames with a data bar: the drawn rows are left out, the scanned part answers."""
 from __future__ import annotations
 
-import cv2
 import numpy as np
 import pytest
 
 from deepfocus.autofocus import acquire_pair
 from deepfocus.databar import scanned_region
 from deepfocus.estimator import load_estimator_for
+from deepfocus.frame_artefacts import draw_databar
 from hardware.factory import open_microscope
 
 BAR_ROWS = 80
@@ -26,11 +26,7 @@ def scope_and_pair():
 
 def with_bar(image: np.ndarray, wd_text: str) -> np.ndarray:
     """The frame as microscope software saves it: a black bar with white text over the bottom rows."""
-    out = image.copy()
-    out[-BAR_ROWS:] = 0
-    cv2.putText(out, f"EHT = 1.50 kV   WD = {wd_text} mm   Mag = 10.00 K X", (12, out.shape[0] - 30),
-                cv2.FONT_HERSHEY_SIMPLEX, 0.9, 255, 2)
-    return out
+    return draw_databar(image, BAR_ROWS, wd_text)
 
 
 def test_a_drawn_bar_is_found_and_nothing_in_a_scanned_pair(scope_and_pair):

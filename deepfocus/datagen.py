@@ -76,6 +76,9 @@ class GenConfig:
     aperture_taper: tuple[float, float] | None = None
     halo_fraction: tuple[float, float] | None = None
     uniform_share: float = 0.25
+    # share of augmented copies whose two frames also pass through one common linear filter (``video_filter``):
+    # 0 (the default) draws nothing, which keeps the seeded stream of the runs made before this key
+    video_filter_fraction: float = 0.0
 
 
 def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> list[str]:
@@ -132,6 +135,38 @@ def augment(pair: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.75:
         x = x * max(0.2, rng.normal(1.0, 0.25)) + rng.normal(0, 0.25)
     return x.astype(np.float32)
+
+
+def lowpass_fast_axis(image: np.ndarray, tau_px: float) -> np.ndarray:
+    """A one-pole low-pass along each scan line (the last axis, scanned left to right), as a detector and video
+    amplifier of finite bandwidth leave it: time constant ``tau_px`` in pixels (= tau / dwell)."""
+    import scipy.signal
+    if tau_px <= 0:
+        return image.astype(np.float32)
+    a = math.exp(-1.0 / tau_px)
+    x = image.astype(np.float32)
+    # started in steady state on each line's first value, as the amplifier is during the fly-back
+    y, _ = scipy.signal.lfilter([1.0 - a], [1.0, -a], x, axis=-1, zi=a * x[..., :1])
+    return y.astype(np.float32)
+
+
+def video_filter(pair: np.ndarray, rng: np.random.Generator, max_tau_px: float = 2.5,
+                 max_sigma_px: float = 1.3) -> np.ndarray:
+    """One linear filter applied alike to every frame in ``pair`` (.., H, W) after detection: the finite bandwidth
+    of the detector chain (a low-pass along the scan lines), a smoothing of the saved frame (resampling, noise
+    reduction), or both. Both frames keep their shot noise, now coloured; real frames come this way, the
+    simulator's do not."""
+    import scipy.ndimage
+    kind = rng.integers(3)
+    tau = rng.uniform(0.2, max_tau_px)
+    sigma = rng.uniform(0.3, max_sigma_px)
+    x = pair.astype(np.float32)
+    if kind in (0, 2):
+        x = lowpass_fast_axis(x, tau)
+    if kind in (1, 2):
+        sig = (0.0,) * (x.ndim - 2) + (sigma, sigma)
+        x = scipy.ndimage.gaussian_filter(x, sig, mode="reflect").astype(np.float32)
+    return x
 
 
 def sample_aberration(rng: np.random.Generator, cfg: GenConfig) -> tuple[float, float, float]:
@@ -225,6 +260,8 @@ def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg
         k = pairs.shape[0]
         for c in range(copies):
             x = augment(pairs, rng) if c > 0 else pairs
+            if c > 0 and cfg.video_filter_fraction > 0:
+                x = _filter_some(x, rng, cfg.video_filter_fraction)
             with torch.no_grad():
                 f = front(torch.from_numpy(x.reshape(-1, 2, PATCH_PX, PATCH_PX)), p_nm)
             feats.append(f.numpy().reshape(k, 4, *f.shape[1:]).astype(np.float16))
@@ -233,6 +270,48 @@ def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, features=np.concatenate(feats), targets=np.concatenate(targs), specimen=np.concatenate(meta))
     tmp.rename(path)
+
+
+def _filter_some(groups: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """``video_filter`` on a share ``fraction`` of the (n, 4, 2, P, P) groups, one draw per group (one frame pair)."""
+    out = groups.copy()
+    for i in range(groups.shape[0]):
+        if rng.random() < fraction:
+            out[i] = video_filter(groups[i], rng)
+    return out
+
+
+def features_from_pair_shard(src: Path, dst: Path, cfg: GenConfig, seed: int, copies: int = 2) -> None:
+    """Spectral-feature shard ``dst`` from a raw pair shard ``src`` (``generate_pair_shard``) without rendering
+    again: copy 0 as rendered, the others augmented (``augment``, then ``video_filter`` on a share
+    ``cfg.video_filter_fraction``). Pixel sizes become aperture-normalised when ``cfg.alpha_ref_mrad`` is set."""
+    import torch
+
+    from .features import SpectralFrontEnd
+    if not Path(src).exists():
+        raise FileNotFoundError(f"pair shard {str(src)!r} not found (pair_data must hold the shards written by "
+                                f"an image-model run, e.g. deepfocus/configs/baseline.yaml)")
+    with np.load(src) as d:
+        pairs_u8, targets, spec = d["pairs"], d["targets"], d["specimen"]
+        p_nm, alpha = d["pixel_size_nm"], d["aperture_angle_mrad"]
+    front = SpectralFrontEnd()
+    rng = np.random.default_rng(seed)
+    n = pairs_u8.shape[0]
+    feats = np.empty((copies, n, 4, 3, front.n_r, front.n_theta), np.float16)
+    for i in range(n):
+        group = pairs_from_uint8(pairs_u8[i:i + 1])
+        p_eff = effective_pixel_size_nm(float(p_nm[i]), float(alpha[i]), cfg.alpha_ref_mrad)
+        for c in range(copies):
+            x = augment(group, rng) if c > 0 else group
+            if c > 0 and cfg.video_filter_fraction > 0:
+                x = _filter_some(x, rng, cfg.video_filter_fraction)
+            with torch.no_grad():
+                f = front(torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 2, *x.shape[-2:]))), p_eff)
+            feats[c, i] = f.numpy().astype(np.float16)
+    tmp = Path(dst).with_suffix(".tmp.npz")
+    np.savez(tmp, features=feats.reshape(copies * n, 4, *feats.shape[3:]), targets=np.tile(targets, (copies, 1)),
+             specimen=np.tile(spec, copies))
+    tmp.rename(dst)
 
 
 def pairs_to_uint8(pairs: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from .databar import scanned_region
 from .features import structure_ratio
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "spectral_v4.pt"
+DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
 PIXEL_SIZE_RANGE_M = (0.5e-9, 200e-9)
 
 

@@ -7,8 +7,11 @@ over the bottom rows of the frames it saves. The simulator keeps the detector co
 between the frames and saves bare frames, so this check takes simulated pairs and changes
 them after acquisition: the wd + d frame gets a linear contrast stretch about its mean, a
 gamma, or a brightness ramp across the frame (shading, as charging leaves it); or both
-frames get a data bar. It reports, per change and method, the mean error (bias) and the mean
-absolute error of the wd answer against the truth, and how many answers were "uncertain".
+frames get a data bar; or both pass through one linear filter after detection: a detector
+chain of finite bandwidth (a low-pass along the scan lines, time constant in pixels = tau /
+dwell) or a smoothing of the saved frame (resampling, noise reduction). It reports, per change
+and method, the mean error (bias) and the mean absolute error of the wd answer against the
+truth, the mean absolute error of the astigmatism answer, and how many answers were "uncertain".
 DeepFocus runs twice: as shipped (contrast matched, ``deepfocus.contrast``; data bar left out,
 ``deepfocus.databar``) and with both off, to show what they buy.
 """
@@ -22,12 +25,15 @@ from hardware.sim.specimen import load_specimen
 
 from .autofocus import acquire_pair
 from .bench import BenchConfig, aberrated_scope, make_method, true_correction_um
+from .datagen import lowpass_fast_axis
 
 RAW = "deepfocus, no frame checks"
 # (name, kind, value): the changes applied to the pair
 CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain", 1.1),
            ("gain 1.25", "gain", 1.25), ("gamma 0.9", "gamma", 0.9), ("gamma 1.1", "gamma", 1.1),
-           ("shading 0.5", "shading", 0.5), ("data bar 80 rows", "databar", 80))
+           ("shading 0.5", "shading", 0.5), ("data bar 80 rows", "databar", 80),
+           ("bandwidth tau 1 px", "lowpass", 1.0), ("bandwidth tau 2 px", "lowpass", 2.0),
+           ("smoothed sigma 0.8 px", "smooth", 0.8))
 
 
 def _full_scale(image: np.ndarray) -> float:
@@ -67,11 +73,22 @@ def apply_change(minus: np.ndarray, plus: np.ndarray, kind: str, value: float) -
     if kind == "databar":
         # the bar states each frame's own wd, so its text differs a little between the frames
         return draw_databar(minus, int(value), "4.495"), draw_databar(plus, int(value), "4.505")
+    if kind == "lowpass":
+        return lowpass_fast_axis(minus, value), lowpass_fast_axis(plus, value)
+    if kind == "smooth":
+        import scipy.ndimage
+        return tuple(scipy.ndimage.gaussian_filter(f.astype(np.float32), value) for f in (minus, plus))
     return minus.astype(np.float32), change_contrast(plus, kind, value)
 
 
+def true_astig_um(minus, plus) -> tuple[float, float]:
+    """The astigmatism correction to add (image frame, um), from the simulator's truth in the frames' metadata."""
+    tm, tp = minus.metadata["truth"], plus.metadata["truth"]
+    return -(tm["astig_x_um"] + tp["astig_x_um"]) / 2, -(tm["astig_y_um"] + tp["astig_y_um"]) / 2
+
+
 def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),
-                         log=print) -> dict:
+                         stig_range: float = 2.0, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed + 11)
     specimens = [load_specimen(p) for p in cfg.specimens] or [None]
     methods = [m for m in cfg.methods if m != "sweep"]
@@ -80,10 +97,10 @@ def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, floa
     truths, pairs = [], []
     cfg_micro = None
     for i in range(n):
-        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, 0.0)
+        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, stig_range)
         cfg_micro = scope.config
         minus, plus = acquire_pair(scope.sem, 5e-6)
-        truths.append(true_correction_um(minus, plus))
+        truths.append((true_correction_um(minus, plus), *true_astig_um(minus, plus)))
         pairs.append((minus.image, plus.image))
     estimators = {m: make_method(m, cfg_micro, cfg.model, cfg.n_patches) for m in methods}
     if "deepfocus" in estimators:
@@ -98,17 +115,19 @@ def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, floa
             pred = []
             for minus, plus in pairs:
                 c = est.estimate(*apply_change(minus, plus, kind, value), cfg.pixel_size_nm * 1e-9, 5e-6)
-                pred.append(c.wd_um if c.status == "ok" else np.nan)
+                pred.append((c.wd_um, c.astig_x_um, c.astig_y_um) if c.status == "ok" else (np.nan,) * 3)
             p = np.array(pred)
-            ok = np.isfinite(p)
+            ok = np.isfinite(p[:, 0])
             err = p[ok] - t[ok]
-            r = {"bias_wd_um": float(err.mean()) if ok.any() else float("nan"),
-                 "mae_wd_um": float(np.abs(err).mean()) if ok.any() else float("nan"),
+            r = {"bias_wd_um": float(err[:, 0].mean()) if ok.any() else float("nan"),
+                 "mae_wd_um": float(np.abs(err[:, 0]).mean()) if ok.any() else float("nan"),
+                 "mae_astig_um": float(np.abs(err[:, 1:]).mean()) if ok.any() else float("nan"),
                  "uncertain": int((~ok).sum())}
             out[name][m] = r
-            log(f"{name:16s} {m:28s} bias {r['bias_wd_um']:+.2f} um  MAE {r['mae_wd_um']:.2f} um  "
-                f"uncertain {r['uncertain']}/{n}")
+            log(f"{name:22s} {m:28s} wd bias {r['bias_wd_um']:+.2f} um  MAE {r['mae_wd_um']:.2f} um  "
+                f"astig MAE {r['mae_astig_um']:.2f} um  uncertain {r['uncertain']}/{n}")
     return {"config": {"profile": cfg.profile, "overrides": cfg.overrides, "specimens": cfg.specimens,
                        "model": cfg.model, "dwell_ns": cfg.dwell_ns, "pixel_size_nm": cfg.pixel_size_nm,
-                       "frame_px": list(cfg.frame_px), "n": n, "wd_range_um": list(wd_range_um), "seed": cfg.seed},
+                       "frame_px": list(cfg.frame_px), "n": n, "wd_range_um": list(wd_range_um),
+                       "stig_range": stig_range, "seed": cfg.seed},
             "changes": out}

@@ -54,6 +54,9 @@ class TrainConfig:
     # an exported model (TorchScript, same arch and model args) whose weights start a fresh run: fine-tuning
     # a shipped model on data from other microscopes instead of training from scratch
     init_from: str | None = None
+    # spectral runs only: a folder of raw pair shards (written by an image-model run such as baseline.yaml) to
+    # compute this run's feature shards from, with its own augmentation, instead of rendering new ones
+    pair_data: str | None = None
     model: dict = field(default_factory=dict)
     gen: dict = field(default_factory=dict)
 
@@ -96,6 +99,8 @@ def generate(cfg: TrainConfig, log=print) -> None:
         seed = cfg.seed * 1_000_003 + (0 if kind == "train" else 500_000) + i
         if cfg.image_model:
             datagen.generate_pair_shard(path, specs, cfg.groups_per_shard, gen, seed, loaded)
+        elif cfg.pair_data:
+            datagen.features_from_pair_shard(Path(cfg.pair_data) / path.name, path, gen, seed, cfg.copies)
         else:
             datagen.generate_shard(path, specs, cfg.groups_per_shard, gen, seed, cfg.copies, loaded)
         log(f"shard {path.name}: {cfg.groups_per_shard} groups in {time.time() - t:.0f} s")

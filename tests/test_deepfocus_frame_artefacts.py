@@ -15,3 +15,15 @@ def test_each_artefact_is_reported_with_and_without_the_frame_checks():
         # the artefact moves the raw answer; the shipped estimator answers as on the clean pair
         assert abs(per[RAW]["bias_wd_um"] - clean) > threshold, name
         assert abs(per["deepfocus"]["bias_wd_um"] - clean) < 0.3, name
+
+
+def test_shipped_model_reads_through_detector_bandwidth_and_smoothing():
+    # real frames pass through a detector chain of finite bandwidth, and saved frames are often smoothed: both
+    # frames alike, which leaves the aberration where it was
+    res = run_frame_artefacts(BenchConfig(methods=["deepfocus"], dwell_ns=100), 3, log=lambda s: None)
+    clean = res["changes"]["none"]["deepfocus"]
+    for name in ("bandwidth tau 2 px", "smoothed sigma 0.8 px"):
+        got = res["changes"][name]["deepfocus"]
+        assert got["uncertain"] == 0, name
+        assert got["mae_wd_um"] < clean["mae_wd_um"] + 0.35, (name, got, clean)
+        assert got["mae_astig_um"] < clean["mae_astig_um"] + 0.2, (name, got, clean)

@@ -1,0 +1,53 @@
+"""Frames that passed through a linear filter after detection (detector bandwidth, smoothing) for training."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepfocus import datagen
+
+
+def test_lowpass_runs_along_the_scan_lines_only():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 256)).astype(np.float32)
+    y = datagen.lowpass_fast_axis(x, 2.0)
+    # neighbours along a line become correlated, neighbours across lines stay independent
+    along = np.corrcoef(y[:, 1:].ravel(), y[:, :-1].ravel())[0, 1]
+    across = np.corrcoef(y[1:, :].ravel(), y[:-1, :].ravel())[0, 1]
+    assert along == pytest.approx(np.exp(-1 / 2.0), abs=0.05)
+    assert abs(across) < 0.05
+    # a constant line is passed unchanged (started in steady state), and so is the mean level
+    flat = np.full((4, 50), 3.0, np.float32)
+    assert np.allclose(datagen.lowpass_fast_axis(flat, 1.5), 3.0)
+    assert np.array_equal(datagen.lowpass_fast_axis(x, 0.0), x)
+
+
+def test_video_filter_treats_both_frames_of_a_pair_alike():
+    rng = np.random.default_rng(3)
+    frame = rng.normal(0, 1, (128, 128)).astype(np.float32)
+    pair = np.stack([frame, frame])
+    for seed in range(6):
+        out = datagen.video_filter(pair, np.random.default_rng(seed))
+        assert out.shape == pair.shape and out.dtype == np.float32
+        assert np.array_equal(out[0], out[1])
+        # shot noise is smoothed, never amplified
+        assert out.std() < 0.95 * frame.std()
+
+
+def test_feature_shards_from_pair_shards(tmp_path):
+    rng = np.random.default_rng(1)
+    n = 3
+    src = tmp_path / "train_0000.npz"
+    np.savez(src, pairs=rng.integers(0, 256, (n, 4, 2, 256, 256), dtype=np.uint8),
+             targets=rng.normal(0, 5, (n, 3)).astype(np.float32), specimen=np.arange(n, dtype=np.int16),
+             pixel_size_nm=np.full(n, 8.0, np.float32), aperture_angle_mrad=np.full(n, 3.0, np.float32))
+    dst = tmp_path / "out.npz"
+    cfg = datagen.GenConfig(alpha_ref_mrad=4.0, video_filter_fraction=1.0)
+    datagen.features_from_pair_shard(src, dst, cfg, seed=0, copies=2)
+    with np.load(dst) as d, np.load(src) as s:
+        assert d["features"].shape == (2 * n, 4, 3, 20, 12)
+        assert np.array_equal(d["targets"][:n], s["targets"]) and np.array_equal(d["targets"][n:], s["targets"])
+        # the augmented copy differs from the plain one
+        assert not np.array_equal(d["features"][:n], d["features"][n:])
+    with pytest.raises(FileNotFoundError, match="pair shard"):
+        datagen.features_from_pair_shard(tmp_path / "missing.npz", dst, cfg, seed=0)

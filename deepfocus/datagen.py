@@ -259,9 +259,7 @@ def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg
     for pairs, targets, p_nm, _, spec_i in rendered_blocks(specimens, n_groups, cfg, rng, loaded):
         k = pairs.shape[0]
         for c in range(copies):
-            x = augment(pairs, rng) if c > 0 else pairs
-            if c > 0 and cfg.video_filter_fraction > 0:
-                x = _filter_some(x, rng, cfg.video_filter_fraction)
+            x = _copy(pairs, c, rng, cfg)
             with torch.no_grad():
                 f = front(torch.from_numpy(x.reshape(-1, 2, PATCH_PX, PATCH_PX)), p_nm)
             feats.append(f.numpy().reshape(k, 4, *f.shape[1:]).astype(np.float16))
@@ -279,6 +277,14 @@ def _filter_some(groups: np.ndarray, rng: np.random.Generator, fraction: float) 
         if rng.random() < fraction:
             out[i] = video_filter(groups[i], rng)
     return out
+
+
+def _copy(groups: np.ndarray, c: int, rng: np.random.Generator, cfg: GenConfig) -> np.ndarray:
+    """Copy ``c`` of rendered groups for a feature shard: 0 as rendered, the others augmented and partly filtered."""
+    if c == 0:
+        return groups
+    x = augment(groups, rng)
+    return _filter_some(x, rng, cfg.video_filter_fraction) if cfg.video_filter_fraction > 0 else x
 
 
 def features_from_pair_shard(src: Path, dst: Path, cfg: GenConfig, seed: int, copies: int = 2) -> None:
@@ -302,9 +308,7 @@ def features_from_pair_shard(src: Path, dst: Path, cfg: GenConfig, seed: int, co
         group = pairs_from_uint8(pairs_u8[i:i + 1])
         p_eff = effective_pixel_size_nm(float(p_nm[i]), float(alpha[i]), cfg.alpha_ref_mrad)
         for c in range(copies):
-            x = augment(group, rng) if c > 0 else group
-            if c > 0 and cfg.video_filter_fraction > 0:
-                x = _filter_some(x, rng, cfg.video_filter_fraction)
+            x = _copy(group, c, rng, cfg)
             with torch.no_grad():
                 f = front(torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 2, *x.shape[-2:]))), p_eff)
             feats[c, i] = f.numpy().astype(np.float16)

@@ -150,13 +150,19 @@ def lowpass_fast_axis(image: np.ndarray, tau_px: float) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def smooth_frames(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """A Gaussian smoothing of each frame (the last two axes) of ``sigma_px``, as resampling or a noise filter."""
+    import scipy.ndimage
+    sig = (0.0,) * (image.ndim - 2) + (sigma_px, sigma_px)
+    return scipy.ndimage.gaussian_filter(image.astype(np.float32), sig, mode="reflect").astype(np.float32)
+
+
 def video_filter(pair: np.ndarray, rng: np.random.Generator, max_tau_px: float = 2.5,
                  max_sigma_px: float = 1.3) -> np.ndarray:
     """One linear filter applied alike to every frame in ``pair`` (.., H, W) after detection: the finite bandwidth
     of the detector chain (a low-pass along the scan lines), a smoothing of the saved frame (resampling, noise
     reduction), or both. Both frames keep their shot noise, now coloured; real frames come this way, the
     simulator's do not."""
-    import scipy.ndimage
     kind = rng.integers(3)
     tau = rng.uniform(0.2, max_tau_px)
     sigma = rng.uniform(0.3, max_sigma_px)
@@ -164,8 +170,7 @@ def video_filter(pair: np.ndarray, rng: np.random.Generator, max_tau_px: float =
     if kind in (0, 2):
         x = lowpass_fast_axis(x, tau)
     if kind in (1, 2):
-        sig = (0.0,) * (x.ndim - 2) + (sigma, sigma)
-        x = scipy.ndimage.gaussian_filter(x, sig, mode="reflect").astype(np.float32)
+        x = smooth_frames(x, sigma)
     return x
 
 

@@ -25,7 +25,7 @@ from hardware.sim.specimen import load_specimen
 
 from .autofocus import acquire_pair
 from .bench import BenchConfig, aberrated_scope, make_method, true_correction_um
-from .datagen import lowpass_fast_axis
+from .datagen import lowpass_fast_axis, smooth_frames
 
 RAW = "deepfocus, no frame checks"
 # (name, kind, value): the changes applied to the pair
@@ -76,8 +76,7 @@ def apply_change(minus: np.ndarray, plus: np.ndarray, kind: str, value: float) -
     if kind == "lowpass":
         return lowpass_fast_axis(minus, value), lowpass_fast_axis(plus, value)
     if kind == "smooth":
-        import scipy.ndimage
-        return tuple(scipy.ndimage.gaussian_filter(f.astype(np.float32), value) for f in (minus, plus))
+        return smooth_frames(minus, value), smooth_frames(plus, value)
     return minus.astype(np.float32), change_contrast(plus, kind, value)
 
 

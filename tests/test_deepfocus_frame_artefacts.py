@@ -1,12 +1,18 @@
 """`deepfocus bench --frame-artefacts`: answers on pairs changed as real saved frames are."""
 from __future__ import annotations
 
+import pytest
+
 from deepfocus.bench import BenchConfig
 from deepfocus.frame_artefacts import CHANGES, RAW, run_frame_artefacts
 
 
-def test_each_artefact_is_reported_with_and_without_the_frame_checks():
-    res = run_frame_artefacts(BenchConfig(methods=["deepfocus"], dwell_ns=100), 3, log=lambda s: None)
+@pytest.fixture(scope="module")
+def res():
+    return run_frame_artefacts(BenchConfig(methods=["deepfocus"], dwell_ns=100), 3, log=lambda s: None)
+
+
+def test_each_artefact_is_reported_with_and_without_the_frame_checks(res):
     assert set(res["changes"]) == {name for name, _, _ in CHANGES}
     clean = res["changes"]["none"]["deepfocus"]["bias_wd_um"]
     for name, threshold in (("gain 1.25", 1.5), ("data bar 80 rows", 0.3)):
@@ -17,10 +23,9 @@ def test_each_artefact_is_reported_with_and_without_the_frame_checks():
         assert abs(per["deepfocus"]["bias_wd_um"] - clean) < 0.3, name
 
 
-def test_shipped_model_reads_through_detector_bandwidth_and_smoothing():
+def test_shipped_model_reads_through_detector_bandwidth_and_smoothing(res):
     # real frames pass through a detector chain of finite bandwidth, and saved frames are often smoothed: both
     # frames alike, which leaves the aberration where it was
-    res = run_frame_artefacts(BenchConfig(methods=["deepfocus"], dwell_ns=100), 3, log=lambda s: None)
     clean = res["changes"]["none"]["deepfocus"]
     for name in ("bandwidth tau 2 px", "smoothed sigma 0.8 px"):
         got = res["changes"][name]["deepfocus"]

@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "image, predicted vs true wd per shape and method")
     b.add_argument("--frame-artefacts", type=int, default=0, metavar="N",
                    help="instead: N single pairs changed after acquisition as real saved frames are (the wd + d "
-                        "frame's gain, gamma, shading; a data bar on both; a detector bandwidth or smoothing on both); wd bias "
-                        "and MAE, astigmatism MAE per change and method")
+                        "frame's gain, gamma, shading, a shift; a data bar, detector bandwidth, smoothing, clipping, JPEG "
+                        "or line offsets on both); wd bias and MAE, astigmatism MAE per change and method")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
 

@@ -56,7 +56,10 @@ def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float
     s1 = BAND_SIGMA_UM / (pixel_um * factor)
     lo = cv2.GaussianBlur(flat, (0, 0), s1, borderType=cv2.BORDER_REFLECT)
     m = int(math.ceil(2 * s1))
-    return float(lo[m:-m, m:-m].std()), mean
+    lo = lo[m:-m, m:-m]
+    # per-line brightness offsets (detector flicker, mains pick-up) differ between the frames and pass the band
+    # as a function of the line alone: measure what varies along the lines
+    return float((lo - lo.mean(axis=1, keepdims=True)).std()), mean
 
 
 def contrast_ratio(minus: np.ndarray, plus: np.ndarray, pixel_size_m: float) -> ContrastRatio:
@@ -73,12 +76,11 @@ def contrast_ratio(minus: np.ndarray, plus: np.ndarray, pixel_size_m: float) -> 
     return ContrastRatio(s_plus / s_minus, sigma_px, m_minus, m_plus)
 
 
-def equalise_(x_minus, x_plus, ratio: float, mean_minus: float, mean_plus: float) -> None:
-    """In place: minus gains sqrt(ratio), plus loses it, each about its frame mean (tensors or arrays)."""
+def equalising_maps(ratio: float, mean_minus: float, mean_plus: float, scale: float,
+                    off: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(gain, offset) per frame, x * gain - offset, that applies the common ``x * scale - off`` and divides the
+    contrast change out: the minus frame gains sqrt(ratio), the plus frame loses it, each about its own mean.
+    One map per frame, so the patches are scaled in a single pass."""
     g = math.sqrt(ratio)
-    x_minus -= mean_minus
-    x_minus *= g
-    x_minus += mean_minus
-    x_plus -= mean_plus
-    x_plus /= g
-    x_plus += mean_plus
+    m0, m1 = mean_minus * scale - off, mean_plus * scale - off
+    return (scale * g, (off + m0) * g - m0), (scale / g, (off + m1) / g - m1)

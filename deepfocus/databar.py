@@ -16,6 +16,7 @@ import numpy as np
 
 SAME_FRACTION = 0.5          # a row (column) whose pixels agree exactly in both frames this often is drawn
 MAX_BAND_FRACTION = 0.34     # a larger band is not a data bar: keep the frame and let the other checks judge
+STRIDE = 4
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,12 @@ def _edge_run(same: np.ndarray, limit: int) -> int:
 def scanned_region(minus: np.ndarray, plus: np.ndarray) -> ScannedRegion:
     """Rows and columns of a checked pair that were scanned, not drawn."""
     h, w = minus.shape
-    same = minus == plus
-    row_same = np.count_nonzero(same, axis=1) >= SAME_FRACTION * w
-    col_same = np.count_nonzero(same, axis=0) >= SAME_FRACTION * h
+    # every STRIDE-th pixel along a row (column) tells the agreeing fraction well enough, at a fraction of the
+    # cost of comparing whole frames
+    rows = np.count_nonzero(minus[:, ::STRIDE] == plus[:, ::STRIDE], axis=1)
+    cols = np.count_nonzero(minus[::STRIDE] == plus[::STRIDE], axis=0)
+    row_same = rows >= SAME_FRACTION * len(range(0, w, STRIDE))
+    col_same = cols >= SAME_FRACTION * len(range(0, h, STRIDE))
     top = _edge_run(row_same, int(h * MAX_BAND_FRACTION))
     bottom = _edge_run(row_same[::-1], int(h * MAX_BAND_FRACTION))
     left = _edge_run(col_same, int(w * MAX_BAND_FRACTION))

@@ -2,7 +2,8 @@
 
 ``load_estimator(path)`` opens a TorchScript model written by ``deepfocus train`` (its
 ``meta.json`` says which perturbation and patch size it was trained for). ``estimate``
-crops N patch pairs at the same offsets in both images, rejects patches without
+crops N patch pairs at the same offsets in both images (once the frames are registered,
+``deepfocus.registration``), rejects patches without
 structure (a constant or pure-noise patch says nothing about focus), runs one batch,
 and combines the per-patch corrections by their softmax-weighted scores. The spread
 of the patch predictions around the consensus is the uncertainty.
@@ -19,10 +20,12 @@ import numpy as np
 import torch
 
 from .calibration import StigCalibration
-from .contrast import contrast_ratio, equalise_
+from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator
 from .databar import scanned_region
 from .features import structure_ratio
+from .line_offsets import remove_line_offsets_
+from .registration import common_field, measure_shift
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
@@ -98,6 +101,8 @@ class EstimatorSettings:
     match_contrast: bool = True          # divide out a contrast change between the two frames (deepfocus.contrast)
     max_contrast_ratio: float = 1.5      # frames differing more than this in contrast: "uncertain", not a move
     drop_databar: bool = True            # leave out drawn rows/columns at the frame's edge (deepfocus.databar)
+    register: bool = True                # cut patches where the frames show the same field (deepfocus.registration)
+    remove_line_offsets: bool = True     # per-line brightness offsets out of the patches (deepfocus.line_offsets)
 
 
 class DeepFocusEstimator(Estimator):
@@ -176,13 +181,29 @@ class DeepFocusEstimator(Estimator):
         if region is not None and region.any_dropped:
             a, b = a[region.rows, region.cols], b[region.rows, region.cols]
             self._check(a.shape, pixel_size_m, perturbation_m)
-        model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
         s = self.settings
+        shift = measure_shift(a, b) if s.register else None
+        if shift is not None and shift.any:
+            a, b = common_field(a, b, shift)
+            self._check(a.shape, pixel_size_m, perturbation_m)
+        model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
         patch = min(s.patch_px, *a.shape)
         offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
         # only the patches are converted to float: most of a frame is never looked at
-        pairs = np.stack([np.stack([a[y:y + patch, x:x + patch], b[y:y + patch, x:x + patch]]) for y, x in offs])
-        x = torch.from_numpy(pairs.astype(np.float32)) * scale - off
+        # (converted while copied, and scaled in place: at these sizes every extra pass over the patches costs
+        # as much as the registration)
+        cr = contrast_ratio(a, b, pixel_size_m) if s.match_contrast else None
+        maps = ((scale, off), (scale, off))
+        if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
+            maps = equalising_maps(cr.ratio, cr.mean_minus, cr.mean_plus, scale, off)
+        pairs = np.empty((len(offs), 2, patch, patch), np.float32)
+        for i, (y, x0) in enumerate(offs):
+            pairs[i, 0] = a[y:y + patch, x0:x0 + patch]
+            pairs[i, 1] = b[y:y + patch, x0:x0 + patch]
+        x = torch.from_numpy(pairs)
+        for k, (gain, offset) in enumerate(maps):
+            x[:, k].mul_(gain).sub_(offset)
+        lined = remove_line_offsets_(x) if s.remove_line_offsets else 0
         # the structure test runs on 4 x 4 binned patches: binning keeps noise white and texture coloured
         n = x.shape[0]
         xb = torch.nn.functional.avg_pool2d(x.reshape(2 * n, 1, patch, patch), 4).reshape(2 * n, patch // 4, patch // 4)
@@ -200,18 +221,18 @@ class DeepFocusEstimator(Estimator):
                                    "wd + d", {"total": time.perf_counter() - t0},
                                    int(valid.sum()))
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
-        if s.match_contrast:
-            cr = contrast_ratio(a, b, pixel_size_m)
-            if cr.ratio is not None:
-                extra["contrast_ratio"] = round(cr.ratio, 4)
-                if not 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
-                    return self._uncertain(
-                        f"the wd + d frame has {cr.ratio:.2f} x the contrast of the wd - d frame on micrometre "
-                        "scales, which defocus does not change: charging, a gain change or automatic "
-                        "brightness/contrast between the frames", {"total": time.perf_counter() - t0},
-                        int(valid.sum()), extra)
-                equalise_(x[:, 0], x[:, 1], cr.ratio, cr.mean_minus * scale - off, cr.mean_plus * scale - off)
-            t1 = time.perf_counter()
+        if shift is not None and shift.any:
+            extra["shift_px"] = [shift.dy_px, shift.dx_px]
+        if lined:
+            extra["line_offsets_removed"] = lined
+        if cr is not None and cr.ratio is not None:
+            extra["contrast_ratio"] = round(cr.ratio, 4)
+            if not 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
+                return self._uncertain(
+                    f"the wd + d frame has {cr.ratio:.2f} x the contrast of the wd - d frame on micrometre "
+                    "scales, which defocus does not change: charging, a gain change or automatic "
+                    "brightness/contrast between the frames", {"total": time.perf_counter() - t0},
+                    int(valid.sum()), extra)
         with torch.no_grad():
             out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
         t2 = time.perf_counter()

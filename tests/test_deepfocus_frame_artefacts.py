@@ -32,3 +32,22 @@ def test_shipped_model_reads_through_detector_bandwidth_and_smoothing(res):
         assert got["uncertain"] == 0, name
         assert got["mae_wd_um"] < clean["mae_wd_um"] + 0.35, (name, got, clean)
         assert got["mae_astig_um"] < clean["mae_astig_um"] + 0.2, (name, got, clean)
+
+
+def test_shipped_estimator_reads_through_a_shift_clipping_and_jpeg(res):
+    # the plus frame moved by 24 px (drift after a stage move), frames clipped by a tight detector setting, or
+    # saved as JPEG: the answer stays near the clean pair's
+    clean = res["changes"]["none"]["deepfocus"]
+    for name in ("shift 24 px", "clipped 2 %", "jpeg quality 75"):
+        got = res["changes"][name]["deepfocus"]
+        assert got["uncertain"] == 0, name
+        assert got["mae_wd_um"] < clean["mae_wd_um"] + 0.3, (name, got, clean)
+        assert got["mae_astig_um"] < clean["mae_astig_um"] + 0.15, (name, got, clean)
+
+
+def test_line_offsets_are_taken_out_before_they_read_as_astigmatism(res):
+    per = res["changes"]["line offsets 0.3 s.d."]
+    clean = res["changes"]["none"]["deepfocus"]
+    assert per[RAW]["mae_astig_um"] > clean["mae_astig_um"] + 0.3      # what the offsets do unchecked
+    assert per["deepfocus"]["mae_astig_um"] < clean["mae_astig_um"] + 0.3
+    assert per["deepfocus"]["mae_wd_um"] < clean["mae_wd_um"] + 0.3

@@ -1,0 +1,67 @@
+"""Per-line brightness offsets (detector flicker, mains pick-up) are taken out of the patches, and only they."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepfocus.autofocus import acquire_pair
+from deepfocus.datagen import lowpass_fast_axis, smooth_frames
+from deepfocus.estimator import patch_offsets
+from deepfocus.frame_artefacts import line_offsets
+from deepfocus.line_offsets import offset_ratio, remove_line_offsets_
+from hardware.factory import open_microscope
+from hardware.sim.specimen import load_specimen
+
+
+def _patches(minus, plus):
+    offs = patch_offsets(minus.shape, 256, 8)
+    return torch.from_numpy(np.stack([np.stack([minus[y:y + 256, x:x + 256], plus[y:y + 256, x:x + 256]])
+                                      for y, x in offs]).astype(np.float32))
+
+
+@pytest.fixture(scope="module", params=["synthetic", "flyem_fib25_8nm_520", "epfl_ca1_fibsem_5nm"])
+def pair(request, em_dir_module):
+    spec = None
+    if request.param != "synthetic":
+        path = em_dir_module / f"{request.param}.ome.tif"
+        if not path.is_file():
+            pytest.skip(f"{path} is missing (set the shared data directory)")
+        spec = load_specimen(path)
+    scope = open_microscope("setup_a", ["seed=2"], specimen=spec)
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+    sem.set_wd_m(scope.sim.true_wd_m() + 12e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    return minus.image, plus.image
+
+
+@pytest.fixture(scope="module")
+def em_dir_module():
+    from conftest import shared_dir
+    return shared_dir() / "data" / "em"
+
+
+@pytest.mark.parametrize("filtered", ["as rendered", "detector bandwidth", "smoothed"])
+def test_clean_patches_are_left_alone(pair, filtered):
+    # a detector's bandwidth smooths along the lines, which changes the column means but adds no line offsets
+    f = {"as rendered": lambda a: a.astype(np.float32), "detector bandwidth": lambda a: lowpass_fast_axis(a, 2.5),
+         "smoothed": lambda a: smooth_frames(lowpass_fast_axis(a, 2.0), 1.0)}[filtered]
+    x = _patches(f(pair[0]), f(pair[1]))
+    before = x.clone()
+    assert remove_line_offsets_(x) == 0
+    assert torch.equal(x, before)
+
+
+def _ratio(x: torch.Tensor) -> torch.Tensor:
+    return offset_ratio(x.reshape(-1, 256, 256))
+
+
+def test_line_offsets_are_found_in_every_patch_and_taken_out(pair):
+    rng = np.random.default_rng(3)
+    clean = _patches(*pair)
+    x = _patches(line_offsets(pair[0], 0.2, rng), line_offsets(pair[1], 0.2, rng))
+    assert _ratio(x).min() > 3.0
+    assert remove_line_offsets_(x) == x.shape[0] * 2
+    # the rows vary at short range no more than the clean patches' did
+    assert (_ratio(x) < _ratio(clean) + 0.5).all()

@@ -1,0 +1,71 @@
+"""Frames of a pair that show the specimen moved (drift, a beam off the lens centre) are registered first."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepfocus.autofocus import acquire_pair
+from deepfocus.estimator import EstimatorSettings, load_estimator
+from deepfocus.frame_artefacts import shift_pair
+from deepfocus.registration import PairShift, common_field, measure_shift
+from hardware.factory import open_microscope
+
+
+def _pair(defocus_um: float):
+    scope = open_microscope("setup_a", ["seed=4"])
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+    ts = scope.sim.true_stig()
+    sem.set_stig(float(ts[0] + 0.8), float(ts[1] - 0.5))
+    sem.set_wd_m(scope.sim.true_wd_m() + defocus_um * 1e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    return minus.image, plus.image
+
+
+@pytest.fixture(scope="module")
+def near():
+    return _pair(3.0)
+
+
+@pytest.mark.parametrize("defocus_um", [3.0, -25.0])
+def test_a_shift_between_the_frames_is_measured_near_and_far_from_focus(defocus_um):
+    minus, plus = _pair(defocus_um)
+    for px in (6, 24, 48):
+        s = measure_shift(*shift_pair(minus, plus, px))
+        # the plus frame shows at (y - px, x - px) what the minus frame shows at (y, x); to one binned pixel
+        assert abs(s.dy_px + px) <= 4 and abs(s.dx_px + px) <= 4, (px, s)
+
+
+def test_aligned_blank_and_noise_frames_are_left_as_they_are(near):
+    assert not measure_shift(*near).any
+    flat = np.full((512, 512), 1000, np.uint16)
+    assert not measure_shift(flat, flat).any
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        a, b = (rng.poisson(50, (512, 512)).astype(np.uint16) for _ in range(2))
+        assert not measure_shift(a, b).any, seed
+
+
+def test_common_field_crops_both_frames_to_the_same_specimen():
+    rng = np.random.default_rng(1)
+    scene = rng.normal(size=(300, 400)).astype(np.float32)
+    minus, plus = scene[20:220, 30:330], scene[10:210, 45:345]   # plus shows scene[y + 10, x + 45] at (y, x)
+    a, b = common_field(minus, plus, PairShift(10, -15, 1.0))
+    assert a.shape == b.shape == (190, 285)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_estimator_answers_a_shifted_pair_as_the_aligned_one(near):
+    est = load_estimator(device="cpu")
+    raw = load_estimator(device="cpu", settings=EstimatorSettings(register=False))
+    aligned = est.estimate(*near, 10e-9, 5e-6)
+    shifted = shift_pair(*near, 32)
+    got = est.estimate(*shifted, 10e-9, 5e-6)
+    assert got.extra["shift_px"] == [-32, -32]
+    assert abs(got.wd_um - aligned.wd_um) < 0.3
+    assert abs(got.astig_x_um - aligned.astig_x_um) < 0.2 and abs(got.astig_y_um - aligned.astig_y_um) < 0.2
+    # without registration the same pair is read worse: the check has something to catch
+    unreg = raw.estimate(*shifted, 10e-9, 5e-6)
+    err = lambda c: abs(c.wd_um - aligned.wd_um) + abs(c.astig_x_um - aligned.astig_x_um) + abs(  # noqa: E731
+        c.astig_y_um - aligned.astig_y_um)
+    assert err(unreg) > err(got)

@@ -189,13 +189,13 @@ class DeepFocusEstimator(Estimator):
         model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
         patch = min(s.patch_px, *a.shape)
         offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
-        # only the patches are converted to float: most of a frame is never looked at
-        # (converted while copied, and scaled in place: at these sizes every extra pass over the patches costs
-        # as much as the registration)
         cr = contrast_ratio(a, b, pixel_size_m) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
             maps = equalising_maps(cr.ratio, cr.mean_minus, cr.mean_plus, scale, off)
+        # only the patches are converted to float: most of a frame is never looked at (converted while copied,
+        # then scaled and contrast-matched in place: at these sizes every extra pass over the patches costs as
+        # much as the registration)
         pairs = np.empty((len(offs), 2, patch, patch), np.float32)
         for i, (y, x0) in enumerate(offs):
             pairs[i, 0] = a[y:y + patch, x0:x0 + patch]

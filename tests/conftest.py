@@ -14,7 +14,7 @@ def shared_dir() -> Path:
     return Path(os.environ.get("GCIBSEM_SHARED", REPO.parent / "shared"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def em_dir() -> Path:
     d = shared_dir() / "data" / "em"
     if not d.is_dir():

@@ -21,25 +21,16 @@ def _patches(minus, plus):
 
 
 @pytest.fixture(scope="module", params=["synthetic", "flyem_fib25_8nm_520", "epfl_ca1_fibsem_5nm"])
-def pair(request, em_dir_module):
+def pair(request):
     spec = None
     if request.param != "synthetic":
-        path = em_dir_module / f"{request.param}.ome.tif"
-        if not path.is_file():
-            pytest.skip(f"{path} is missing (set the shared data directory)")
-        spec = load_specimen(path)
+        spec = load_specimen(request.getfixturevalue("em_dir") / f"{request.param}.ome.tif")
     scope = open_microscope("setup_a", ["seed=2"], specimen=spec)
     sem = scope.sem
     sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
     sem.set_wd_m(scope.sim.true_wd_m() + 12e-6)
     minus, plus = acquire_pair(sem, 5e-6)
     return minus.image, plus.image
-
-
-@pytest.fixture(scope="module")
-def em_dir_module():
-    from conftest import shared_dir
-    return shared_dir() / "data" / "em"
 
 
 @pytest.mark.parametrize("filtered", ["as rendered", "detector bandwidth", "smoothed"])

@@ -136,6 +136,12 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
 
     if hasattr(estimator, "reset"):
         estimator.reset()
+    lo_d, hi_d = getattr(estimator, "perturbation_range_m", (0.0, math.inf))
+    if not lo_d * 0.98 <= d <= hi_d * 1.02:
+        # refuse before any frame is taken: the pair would cost dose and answer nothing
+        return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
+                               f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um "
+                               "the estimator answers", {"perturbation_m": d})
     try:
         if s.scan is not None:
             sem.set_scan(s.scan)

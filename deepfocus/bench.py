@@ -40,6 +40,7 @@ class BenchConfig:
     margin_stig: float = 0.25
     seed: int = 0
     n_patches: int | None = None          # DeepFocus patch pairs per estimate (None: the estimator's default)
+    perturbation_um: float | None = None  # wd -/+ this for each pair (None: each method's own)
 
 
 def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
@@ -56,6 +57,10 @@ def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None =
         from .methods import SweepFocus
         return SweepFocus(calibration=cal)
     raise ValueError(f"unknown method {name!r}; known: deepfocus, mapfost, sweep")
+
+
+def _perturbation_m(cfg: BenchConfig) -> float | None:
+    return None if cfg.perturbation_um is None else cfg.perturbation_um * 1e-6
 
 
 def _state(scope) -> tuple[float, float, float]:
@@ -99,7 +104,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 if not hits and e[0] <= cfg.margin_wd_um and max(e[1], e[2]) <= cfg.margin_stig:
                     hits.append((rec.elapsed_s, rec.dose_e_per_nm2))
 
-            settings = AutofocusSettings(max_iterations=cfg.iterations, tol_wd_m=-1.0, tol_stig=-1.0)
+            settings = AutofocusSettings(max_iterations=cfg.iterations, tol_wd_m=-1.0, tol_stig=-1.0,
+                                         perturbation_m=_perturbation_m(cfg))
             res = autofocus(scope.sem, method, settings, on_iteration=record)
             # a loop that stopped early keeps its last state for the remaining iterations
             last = _state(scope)
@@ -168,7 +174,7 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
         scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, stig_range)
         if est is None:
             est = make_method(method, scope.config, cfg.model, cfg.n_patches)
-        d = est.perturbation_m
+        d = _perturbation_m(cfg) or est.perturbation_m
         minus, plus = acquire_pair(scope.sem, d)
         c = est.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
         true.append(true_correction_um(minus, plus))

@@ -45,6 +45,16 @@ def _estimator_settings(args):
     return EstimatorSettings(n_patches=int(n))
 
 
+def _perturbation_m(args) -> float | None:
+    """``--perturbation-um D`` in metres (None: the method's own); the estimator says which it answers."""
+    d = getattr(args, "perturbation_um", None)
+    if d is None:
+        return None
+    if not (math.isfinite(d) and 0.1 <= d <= 100):
+        raise ValueError(f"--perturbation-um must be the wd step of the pair in micrometres (e.g. 5), got {d:g}")
+    return d * 1e-6
+
+
 def predict_command(args) -> int:
     if getattr(args, "connect", None):
         local = [f for f, v in (("--profile", args.profile), ("--set", args.set),
@@ -112,8 +122,8 @@ def autofocus_command(args) -> int:
         ts = np.array(scope.sim.true_stig())
         sem.set_stig(*(ts + np.array(args.start_stig or (0.0, 0.0))))
         sem.set_wd_m(scope.sim.true_wd_m() + args.start_wd_um * 1e-6)
-    settings = AutofocusSettings(max_iterations=args.iterations)
     try:
+        settings = AutofocusSettings(max_iterations=args.iterations, perturbation_m=_perturbation_m(args))
         _estimator_settings(args)
     except ValueError as exc:
         print(f"deepfocus autofocus: {exc}", file=sys.stderr)
@@ -132,10 +142,11 @@ def autofocus_command(args) -> int:
 
 def calibrate_command(args) -> int:
     from .autofocus import AutofocusSettings, autofocus
-    from .calibrate import calibrate
+    from .calibrate import CalibrationSettings, calibrate
     from .estimator import load_estimator_for
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     try:
+        d = _perturbation_m(args)
         scope = _open_scope(args)
         est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
             if args.method == "deepfocus" else _method(args.method, scope, None)
@@ -145,10 +156,11 @@ def calibrate_command(args) -> int:
     sem = scope.sem
     if args.focus_first:
         # with the old calibration the loop may stop short of the margin; near focus is enough for the fits
-        r = autofocus(sem, est, AutofocusSettings(max_iterations=args.iterations))
+        r = autofocus(sem, est, AutofocusSettings(max_iterations=args.iterations, perturbation_m=d))
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
-        res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg, log=log)
+        res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg,
+                        CalibrationSettings(perturbation_m=d), log=log)
     except ValueError as exc:           # a step beyond the microscope's limits (LimitError is one)
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -177,9 +189,11 @@ def bench_command(args) -> int:
                       trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
                       start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
                       margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed,
-                      n_patches=args.patches)
+                      n_patches=args.patches, pixel_size_nm=args.pixel_size_nm, frame_px=tuple(args.frame_px),
+                      perturbation_um=args.perturbation_um)
     try:
         _estimator_settings(args)
+        _perturbation_m(args)
     except ValueError as exc:
         print(f"deepfocus bench: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -195,7 +209,11 @@ def bench_command(args) -> int:
         return EXIT_OK
     if args.fidelity:
         from .bench import fidelity
-        res = {"fidelity": fidelity(cfg, args.fidelity, cfg.methods[0])}
+        try:
+            res = {"fidelity": fidelity(cfg, args.fidelity, cfg.methods[0])}
+        except ValueError as exc:          # a pixel size or perturbation the estimator does not answer
+            print(f"deepfocus bench: {exc}", file=sys.stderr)
+            return EXIT_INPUT
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(res, indent=1))
@@ -322,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--dwell-ns", type=float, default=200.0)
         q.add_argument("--iterations", type=int, default=5)
         q.add_argument("--patches", type=int, default=None, metavar="N", help=PATCHES_HELP)
+        q.add_argument("--perturbation-um", type=float, default=None, metavar="D",
+                       help="take the pairs at wd -/+ D um (default: the method's own, 5 um)")
 
     a = sub.add_parser("autofocus", help="run the closed loop on the simulated microscope and print the trace")
     sim_args(a)
@@ -352,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim_args(b)
     b.set_defaults(dwell_ns=50.0, iterations=3)
     b.add_argument("--specimens", nargs="*", default=[])
+    b.add_argument("--pixel-size-nm", type=float, default=10.0)
+    b.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
     b.add_argument("--methods", default="deepfocus,mapfost,sweep")
     b.add_argument("--trials", type=int, default=10)
     b.add_argument("--start-range-um", type=float, default=30.0)

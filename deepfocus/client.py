@@ -262,6 +262,7 @@ class RemoteEstimator(Estimator):
         self.address = self.client.address
         self.options = dict(options or {})
         self._perturbation_m = perturbation_m
+        self._perturbation_range_m: tuple[float, float] | None = None
 
     @property  # type: ignore[override]
     def perturbation_m(self) -> float:
@@ -274,6 +275,14 @@ class RemoteEstimator(Estimator):
     @perturbation_m.setter
     def perturbation_m(self, value: float) -> None:
         self._perturbation_m = float(value)
+
+    @property
+    def perturbation_range_m(self) -> tuple[float, float]:
+        """The pair offsets the daemon's active model answers (any, from a daemon that does not say)."""
+        if self._perturbation_range_m is None:
+            value = self.client.hello().get("perturbation_range_m")
+            self._perturbation_range_m = (float(value[0]), float(value[1])) if value else (0.0, float("inf"))
+        return self._perturbation_range_m
 
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:

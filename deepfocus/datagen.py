@@ -21,6 +21,7 @@ from hardware.factory import open_microscope
 from hardware.sim.specimen import Specimen, SyntheticSpecimen, load_specimen
 
 PATCH_PX = 256
+APERTURE_RANGE_MRAD = (2.5, 5.5)         # beam half-angles of the drawn microscopes
 FRAME_PX = 512
 
 
@@ -87,7 +88,7 @@ def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> 
     u = rng.uniform
     drawn = [
         f"seed={int(rng.integers(1, 2**31))}",
-        f"optics.aperture_angle_mrad={u(2.5, 5.5):.3f}",
+        f"optics.aperture_angle_mrad={u(*APERTURE_RANGE_MRAD):.3f}",
         f"optics.in_focus_probe_nm={u(2.0, 6.5):.2f}",
         f"optics.hysteresis_um={u(0.0, 0.4):.3f}",
         f"optics.image_rotation_deg_per_mm={u(-3, 3):.2f}",
@@ -220,6 +221,15 @@ def render_groups(specimen: Specimen, overrides: list[str], n: int, cfg: GenConf
             pairs[i, q, 0] = a[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
             pairs[i, q, 1] = b[r0:r0 + PATCH_PX, c0:c0 + PATCH_PX]
     return pairs, targets, p_nm, float(m.config.optics.aperture_angle_mrad)
+
+
+def model_pixel_range_nm(cfg: GenConfig) -> tuple[float, float]:
+    """The pixel sizes a model trained on ``cfg`` saw, aperture-normalised when ``cfg`` asks for it."""
+    lo, hi = cfg.pixel_size_nm
+    if cfg.alpha_ref_mrad is None:
+        return float(lo), float(hi)
+    return (effective_pixel_size_nm(lo, APERTURE_RANGE_MRAD[1], cfg.alpha_ref_mrad),
+            effective_pixel_size_nm(hi, APERTURE_RANGE_MRAD[0], cfg.alpha_ref_mrad))
 
 
 def effective_pixel_size_nm(pixel_size_nm: float, alpha_mrad: float | None, alpha_ref_mrad: float | None) -> float:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -30,6 +31,14 @@ from .registration import common_field, measure_shift
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
 PIXEL_SIZE_RANGE_M = (0.5e-9, 200e-9)
+# perturbations other than the model's, as fractions of it, that an aperture-normalised model answers
+PERTURBATION_RANGE = (0.5, 3.0)
+# Pixel sizes (aperture-normalised) seen in training by models whose meta.json predates
+# ``model_pixel_nm_range`` (spectral_v4, v5): 7-14 nm on 2.5-5.5 mrad, alpha_ref 4 mrad.
+DEFAULT_MODEL_PIXEL_RANGE_NM = (5.1, 22.4)
+# Coarser than the trained range by this factor still answers to within 0.05 of scale (measured:
+# model card, "Pixel sizes and perturbations"); coarser still is refused. Finer is binned into range.
+MAX_COARSE_FACTOR = 1.4
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -103,6 +112,7 @@ class EstimatorSettings:
     drop_databar: bool = True            # leave out drawn rows/columns at the frame's edge (deepfocus.databar)
     register: bool = True                # cut patches where the frames show the same field (deepfocus.registration)
     remove_line_offsets: bool = True     # per-line brightness offsets out of the patches (deepfocus.line_offsets)
+    bin_fine_pixels: bool = True         # pixels finer than the model saw in training: bin them into its range
 
 
 class DeepFocusEstimator(Estimator):
@@ -125,7 +135,17 @@ class DeepFocusEstimator(Estimator):
         self.model = model.to(self.device).eval()
         self.model_id = model_id or str(self.meta.get("arch", "model"))
         self.perturbation_m = float(self.meta.get("perturbation_um", 5.0)) * 1e-6
+        rng = self.meta.get("model_pixel_nm_range") or (DEFAULT_MODEL_PIXEL_RANGE_NM if self.alpha_ref_mrad else None)
+        self.model_pixel_range_nm = (float(rng[0]), float(rng[1])) if rng else None
         self._warm_up()
+
+    @property
+    def perturbation_range_m(self) -> tuple[float, float]:
+        """The perturbations this model answers: any within PERTURBATION_RANGE of its own for a model that
+        reads blur in aperture-normalised pixels (see ``estimate``), its own alone otherwise."""
+        if self.alpha_ref_mrad is None:
+            return self.perturbation_m, self.perturbation_m
+        return self.perturbation_m * PERTURBATION_RANGE[0], self.perturbation_m * PERTURBATION_RANGE[1]
 
     def _warm_up(self) -> None:
         # TorchScript optimises on its first calls: pay that at load, not in the first correction
@@ -158,15 +178,39 @@ class DeepFocusEstimator(Estimator):
             return p_nm
         return p_nm * float(self.alpha_ref_mrad) / alpha
 
+    def sampling(self, pixel_size_m: float, perturbation_m: float | None = None,
+                 aperture_angle_mrad: float | None = None) -> tuple[float, int]:
+        """(pixel size handed to the model in nm, bin factor) for frames of this pixel size and perturbation.
+
+        The blur of a pair depends on alpha |z -/+ d| alone (DESIGN.md, the defocused spot), so a pair at -/+ d
+        is the model's pair at -/+ d0 on a beam of half-angle alpha d / d0: the model sees pixels d0 / d as
+        large (and its answers are d0 / d of the true ones). Pixels finer than the model saw in training are
+        binned into its range (binning keeps the blur and only averages noise); much coarser ones are refused.
+        """
+        d = self.perturbation_m if perturbation_m is None else float(perturbation_m)
+        m_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad) * self.perturbation_m / d
+        if self.model_pixel_range_nm is None:
+            return m_nm, 1
+        lo, hi = self.model_pixel_range_nm
+        if m_nm > hi * MAX_COARSE_FACTOR:
+            raise ValueError(
+                f"the model would see {m_nm:.1f} nm pixels (pixel size {pixel_size_m * 1e9:g} nm x alpha_ref / alpha "
+                f"x {self.perturbation_m * 1e6:g} um / perturbation {d * 1e6:g} um) but answers up to "
+                f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
+        return m_nm, max(1, math.ceil(lo / m_nm - 1e-9))
+
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
         if not (isinstance(pixel_size_m, (int, float)) and math.isfinite(pixel_size_m) and lo <= pixel_size_m <= hi):
             raise ValueError(f"pixel_size_m must be in metres between {lo:g} and {hi:g} (e.g. 10e-9), "
                              f"got {pixel_size_m!r}")
         d = self.perturbation_m if perturbation_m is None else float(perturbation_m)
-        if not math.isfinite(d) or abs(d - self.perturbation_m) > 0.02 * self.perturbation_m:
-            raise ValueError(f"model {self.model_id} was trained for pairs at wd -/+ {self.perturbation_m * 1e6:g} um, "
-                             f"got perturbation {d * 1e6:g} um (perturbation_m is in metres)")
+        lo_d, hi_d = self.perturbation_range_m
+        if not (math.isfinite(d) and 0.98 * lo_d <= d <= 1.02 * hi_d):
+            took = (f"pairs at wd -/+ {lo_d * 1e6:g} to {hi_d * 1e6:g} um" if hi_d > lo_d
+                    else f"only pairs at wd -/+ {lo_d * 1e6:g} um (it was trained for them)")
+            raise ValueError(f"model {self.model_id} answers {took}, got perturbation {d * 1e6:g} um "
+                             "(perturbation_m is in metres)")
         if min(shape) < 64:
             raise ValueError(f"images of {shape} px are too small: need at least 64 px per side")
         return d
@@ -176,7 +220,7 @@ class DeepFocusEstimator(Estimator):
                  perturbation_m: float | None = None, aperture_angle_mrad: float | None = None) -> Correction:
         t0 = time.perf_counter()
         a, b, scale, off = check_pair(minus, plus)
-        self._check(a.shape, pixel_size_m, perturbation_m)
+        d = self._check(a.shape, pixel_size_m, perturbation_m)
         region = scanned_region(a, b) if self.settings.drop_databar else None
         if region is not None and region.any_dropped:
             a, b = a[region.rows, region.cols], b[region.rows, region.cols]
@@ -186,9 +230,16 @@ class DeepFocusEstimator(Estimator):
         if shift is not None and shift.any:
             a, b = common_field(a, b, shift)
             self._check(a.shape, pixel_size_m, perturbation_m)
-        model_px_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad)
-        patch = min(s.patch_px, *a.shape)
-        offs = patch_offsets(a.shape, patch, s.n_patches, s.layout, s.seed)
+        d_ratio = d / self.perturbation_m          # answers come back d0 / d too small (see ``sampling``)
+        model_px_nm, nbin = self.sampling(pixel_size_m, d, aperture_angle_mrad)
+        nbin = nbin if s.bin_fine_pixels else 1
+        model_px_nm *= nbin
+        patch = min(s.patch_px, min(a.shape) // nbin)
+        if patch < 64:
+            raise ValueError(f"images of {a.shape} px at {pixel_size_m * 1e9:g} nm are binned {nbin} x {nbin} for "
+                             f"this model: too small, need at least {64 * nbin} px per side")
+        src = patch * nbin
+        offs = patch_offsets(a.shape, src, s.n_patches, s.layout, s.seed)
         cr = contrast_ratio(a, b, pixel_size_m) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
@@ -198,8 +249,13 @@ class DeepFocusEstimator(Estimator):
         # much as the registration)
         pairs = np.empty((len(offs), 2, patch, patch), np.float32)
         for i, (y, x0) in enumerate(offs):
-            pairs[i, 0] = a[y:y + patch, x0:x0 + patch]
-            pairs[i, 1] = b[y:y + patch, x0:x0 + patch]
+            if nbin == 1:
+                pairs[i, 0] = a[y:y + patch, x0:x0 + patch]
+                pairs[i, 1] = b[y:y + patch, x0:x0 + patch]
+            else:                                   # INTER_AREA at an integer factor is the block mean
+                for k, img in enumerate((a, b)):
+                    pairs[i, k] = cv2.resize(np.asarray(img[y:y + src, x0:x0 + src], np.float32), (patch, patch),
+                                             interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(pairs)
         for k, (gain, offset) in enumerate(maps):
             x[:, k].mul_(gain).sub_(offset)
@@ -223,6 +279,8 @@ class DeepFocusEstimator(Estimator):
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
         if shift is not None and shift.any:
             extra["shift_px"] = [shift.dy_px, shift.dx_px]
+        if nbin > 1:
+            extra["binned"] = nbin
         if lined:
             extra["line_offsets_removed"] = lined
         if cr is not None and cr.ratio is not None:
@@ -237,6 +295,7 @@ class DeepFocusEstimator(Estimator):
             out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
         t2 = time.perf_counter()
         pred = out.numpy().astype(np.float64)
+        pred[:, :3] *= d_ratio
         w = np.exp(pred[:, 3] - pred[:, 3].max())
         w /= w.sum()
         mean = (pred[:, :3] * w[:, None]).sum(axis=0)

@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zmq
 
@@ -58,6 +57,22 @@ def test_hello_and_health_describe_the_daemon(serve):
     assert {"hello", "health", "estimate", "score", "models"} <= set(hello["capabilities"])
     assert hello["active_model"] == "builtin" and hello["perturbation_m"] == 5e-6
     assert health["status"] == "ok" and health["queue_depth"] == 0
+
+
+def test_the_loop_learns_the_daemons_perturbation_range_and_refuses_outside_it(serve, scope):
+    from deepfocus.autofocus import AutofocusSettings, autofocus
+    est = PowerRatioEstimator()
+    est.perturbation_range_m = (2.5e-6, 15e-6)
+    srv = serve(est)
+    remote = RemoteEstimator(srv.address, timeout_s=5)
+    try:
+        assert remote.perturbation_range_m == (2.5e-6, 15e-6)
+        frames0 = scope.sim.frames_taken
+        res = autofocus(scope.sem, remote, AutofocusSettings(perturbation_m=20e-6))
+    finally:
+        remote.close()
+    assert res.outcome == "failed" and "2.5-15 um" in res.message
+    assert scope.sim.frames_taken == frames0 and est.calls == 0
 
 
 def test_remote_estimate_equals_in_process_estimate(serve):

@@ -281,6 +281,7 @@ class Server:
             "models": self.registry.describe(),
             "active_model": name,
             "perturbation_m": getattr(est, "perturbation_m", None),
+            "perturbation_range_m": list(getattr(est, "perturbation_range_m", ())) or None,
             "score_available": callable(getattr(est, "score", None)),
             "device": self.config.device,
             "pid": os.getpid(),

@@ -25,7 +25,7 @@ import numpy as np
 
 from hardware.sem import SEM, Frame, ScanSettings
 
-from .correction import Correction, Estimator
+from .correction import Correction, Estimator, answers_perturbation
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 
@@ -136,9 +136,9 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
 
     if hasattr(estimator, "reset"):
         estimator.reset()
-    lo_d, hi_d = getattr(estimator, "perturbation_range_m", (0.0, math.inf))
-    if not lo_d * 0.98 <= d <= hi_d * 1.02:
+    if not answers_perturbation(estimator, d):
         # refuse before any frame is taken: the pair would cost dose and answer nothing
+        lo_d, hi_d = estimator.perturbation_range_m
         return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
                                f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um "
                                "the estimator answers", {"perturbation_m": d})

@@ -8,6 +8,7 @@ methods (MAPFoSt, sharpness sweep) alike.
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +45,18 @@ class Correction:
     def from_dict(cls, d: dict) -> "Correction":
         names = cls.__dataclass_fields__
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# a perturbation this close to a range's end counts as inside it (set values read back rounded)
+PERTURBATION_TOLERANCE = 0.02
+
+
+def answers_perturbation(estimator, perturbation_m: float) -> bool:
+    """Whether ``estimator`` answers pairs at -/+ ``perturbation_m`` (its ``perturbation_range_m``; any when it
+    does not say)."""
+    lo, hi = getattr(estimator, "perturbation_range_m", (0.0, math.inf))
+    return math.isfinite(perturbation_m) and \
+        lo * (1 - PERTURBATION_TOLERANCE) <= perturbation_m <= hi * (1 + PERTURBATION_TOLERANCE)
 
 
 class Estimator(ABC):

@@ -22,7 +22,7 @@ import torch
 
 from .calibration import StigCalibration
 from .contrast import contrast_ratio, equalising_maps
-from .correction import Correction, Estimator
+from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
 from .line_offsets import remove_line_offsets_
@@ -205,8 +205,8 @@ class DeepFocusEstimator(Estimator):
             raise ValueError(f"pixel_size_m must be in metres between {lo:g} and {hi:g} (e.g. 10e-9), "
                              f"got {pixel_size_m!r}")
         d = self.perturbation_m if perturbation_m is None else float(perturbation_m)
-        lo_d, hi_d = self.perturbation_range_m
-        if not (math.isfinite(d) and 0.98 * lo_d <= d <= 1.02 * hi_d):
+        if not answers_perturbation(self, d):
+            lo_d, hi_d = self.perturbation_range_m
             took = (f"pairs at wd -/+ {lo_d * 1e6:g} to {hi_d * 1e6:g} um" if hi_d > lo_d
                     else f"only pairs at wd -/+ {lo_d * 1e6:g} um (it was trained for them)")
             raise ValueError(f"model {self.model_id} answers {took}, got perturbation {d * 1e6:g} um "

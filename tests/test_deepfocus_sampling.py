@@ -7,6 +7,7 @@ what that covers it refuses, by name, before a frame is spent.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from deepfocus.bench import BenchConfig, aberrated_scope, true_correction_um
 from deepfocus.estimator import EstimatorSettings, load_estimator_for
 from hardware.config import load_profile
 
+REPO = Path(__file__).resolve().parents[1]
 DEFOCUS_UM = (-14.0, -9.0, -5.0, 4.0, 8.0, 12.0)
 
 
@@ -107,3 +109,13 @@ def test_predict_takes_the_perturbation_of_the_pair(specimen, tmp_path):
     assert abs(json.loads(out.stdout)["wd_um"] - true) < 1.5
     bad = subprocess.run(cmd + ["--perturbation-um", "40"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "perturbation 40 um" in bad.stderr
+
+
+def test_the_range_assumed_for_v4_and_v5_is_the_one_their_generator_drew():
+    # spectral_v4/v5 files predate meta.json's model_pixel_nm_range: the estimator's constant stands in for it
+    from deepfocus import datagen
+    from deepfocus.estimator import DEFAULT_MODEL_PIXEL_RANGE_NM
+    from deepfocus.train import TrainConfig
+    for name in ("spectral_alpha.yaml", "spectral_video.yaml"):
+        gen = datagen.GenConfig(**TrainConfig.load(REPO / "deepfocus" / "configs" / name).gen)
+        assert datagen.model_pixel_range_nm(gen) == pytest.approx(DEFAULT_MODEL_PIXEL_RANGE_NM, abs=0.01)

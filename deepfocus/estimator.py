@@ -97,6 +97,26 @@ def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "gri
     return [(int(y), int(x)) for y in ys for x in xs][:n]
 
 
+def _tiles(shape: tuple[int, int], patch: int) -> int:
+    """How many patches of ``patch`` px fit side by side without overlapping."""
+    return (shape[0] // patch) * (shape[1] // patch)
+
+
+def _tile_offsets(shape: tuple[int, int], patch: int, n: int) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``n`` non-overlapping patches, the grid centred in the frame."""
+    rows, cols = shape[0] // patch, shape[1] // patch
+    y0, x0 = (shape[0] - rows * patch) // 2, (shape[1] - cols * patch) // 2
+    return [(y0 + r * patch, x0 + c * patch) for r in range(rows) for c in range(cols)][:n]
+
+
+def consensus(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Score-weighted mean of per-patch (wd, ax, ay, score) answers and the weighted spread around it."""
+    w = np.exp(pred[:, 3] - pred[:, 3].max())
+    w /= w.sum()
+    mean = (pred[:, :3] * w[:, None]).sum(axis=0)
+    return mean, np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
+
+
 @dataclass
 class EstimatorSettings:
     n_patches: int = 8
@@ -239,37 +259,21 @@ class DeepFocusEstimator(Estimator):
             raise ValueError(f"images of {a.shape} px at {pixel_size_m * 1e9:g} nm are binned {nbin} x {nbin} for "
                              f"this model: too small, need at least {64 * nbin} px per side")
         src = patch * nbin
-        offs = patch_offsets(a.shape, src, s.n_patches, s.layout, s.seed)
+        # identical crops (a frame no larger than one patch) carry no independent information
+        offs = list(dict.fromkeys(patch_offsets(a.shape, src, s.n_patches, s.layout, s.seed)))
         cr = contrast_ratio(a, b, pixel_size_m) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
             maps = equalising_maps(cr.ratio, cr.mean_minus, cr.mean_plus, scale, off)
-        # only the patches are converted to float: most of a frame is never looked at (converted while copied,
-        # then scaled and contrast-matched in place: at these sizes every extra pass over the patches costs as
-        # much as the registration)
-        pairs = np.empty((len(offs), 2, patch, patch), np.float32)
-        for i, (y, x0) in enumerate(offs):
-            if nbin == 1:
-                pairs[i, 0] = a[y:y + patch, x0:x0 + patch]
-                pairs[i, 1] = b[y:y + patch, x0:x0 + patch]
-            else:                                   # INTER_AREA at an integer factor is the block mean
-                for k, img in enumerate((a, b)):
-                    pairs[i, k] = cv2.resize(np.asarray(img[y:y + src, x0:x0 + src], np.float32), (patch, patch),
-                                             interpolation=cv2.INTER_AREA)
-        x = torch.from_numpy(pairs)
-        for k, (gain, offset) in enumerate(maps):
-            x[:, k].mul_(gain).sub_(offset)
-        lined = remove_line_offsets_(x) if s.remove_line_offsets else 0
-        # the structure test runs on 4 x 4 binned patches: binning keeps noise white and texture coloured
-        n = x.shape[0]
-        xb = torch.nn.functional.avg_pool2d(x.reshape(2 * n, 1, patch, patch), 4).reshape(2 * n, patch // 4, patch // 4)
-        with torch.no_grad():
-            struct = structure_ratio(xb).reshape(n, 2).min(dim=1).values
-        valid = (struct > s.min_structure).numpy()
+        x, lined = self._cut(a, b, offs, patch, nbin, maps)
+        valid = self._structured(x)
         t1 = time.perf_counter()
-        if valid.sum() < s.min_patches:
+        # a frame too small for min_patches patches side by side checks their agreement on tiles (below)
+        small = _tiles(a.shape, src) < s.min_patches
+        need = 1 if small else s.min_patches
+        if valid.sum() < need:
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
-                                   f"(need {s.min_patches}): constant, blank or noise-only image",
+                                   f"(need {need}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
         if np.array_equal(a, b):
             # two scans never agree pixel for pixel: the same frame was passed twice
@@ -291,15 +295,25 @@ class DeepFocusEstimator(Estimator):
                     "scales, which defocus does not change: charging, a gain change or automatic "
                     "brightness/contrast between the frames", {"total": time.perf_counter() - t0},
                     int(valid.sum()), extra)
-        with torch.no_grad():
-            out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
+        pred = self._infer(x, valid, model_px_nm, d_ratio)
+        mean, spread = consensus(pred)
+        if small:
+            # Fewer than min_patches patches fit side by side: the crops overlap, see mostly the same pixels
+            # and agree whatever the error (measured: at 384 x 384 px the spread was 0.4 x the error, at
+            # 256 x 256 zero). Their agreement is measured instead on half-size tiles that do not overlap;
+            # each tile answers less precisely than a whole patch, so this spread errs on the safe side.
+            half = patch // 2
+            tiles = _tile_offsets(a.shape, half * nbin, s.n_patches) if half >= 64 else []
+            xt, _ = self._cut(a, b, tiles, half, nbin, maps) if tiles else (None, 0)
+            valid_t = self._structured(xt) if tiles else np.zeros(0, bool)
+            if valid_t.sum() < s.min_patches:
+                return self._uncertain(
+                    f"a frame of {a.shape[1]} x {a.shape[0]} px holds too few patches side by side to check that "
+                    f"they agree (need {s.min_patches} of {max(half, 64) * nbin} px with structure): take a larger "
+                    "frame", {"total": time.perf_counter() - t0}, int(valid.sum()), extra)
+            spread = np.maximum(spread, consensus(self._infer(xt, valid_t, model_px_nm, d_ratio))[1])
+            extra["spread_from_tiles"] = [int(valid_t.sum()), half * nbin]
         t2 = time.perf_counter()
-        pred = out.numpy().astype(np.float64)
-        pred[:, :3] *= d_ratio
-        w = np.exp(pred[:, 3] - pred[:, 3].max())
-        w /= w.sum()
-        mean = (pred[:, :3] * w[:, None]).sum(axis=0)
-        spread = np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
         unc_stig = float(np.linalg.norm(self.calibration.matrix, 2) * math.hypot(spread[1], spread[2]))
         status = "ok"
         ax, ay = float(mean[1]), float(mean[2])
@@ -321,6 +335,46 @@ class DeepFocusEstimator(Estimator):
                           n_patches=int(valid.sum()),
                           timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
                           extra=extra)
+
+    def _cut(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], patch: int, nbin: int,
+             maps) -> tuple[torch.Tensor, int]:
+        """Patch pairs at ``offs`` (``patch`` px after ``nbin`` x ``nbin`` binning), scaled, contrast-matched and
+        with line offsets removed; and how many line offsets were removed."""
+        # only the patches are converted to float: most of a frame is never looked at (converted while copied,
+        # then scaled and contrast-matched in place: at these sizes every extra pass over the patches costs as
+        # much as the registration)
+        src = patch * nbin
+        pairs = np.empty((len(offs), 2, patch, patch), np.float32)
+        for i, (y, x0) in enumerate(offs):
+            if nbin == 1:
+                pairs[i, 0] = a[y:y + patch, x0:x0 + patch]
+                pairs[i, 1] = b[y:y + patch, x0:x0 + patch]
+            else:                                   # INTER_AREA at an integer factor is the block mean
+                for k, img in enumerate((a, b)):
+                    pairs[i, k] = cv2.resize(np.asarray(img[y:y + src, x0:x0 + src], np.float32), (patch, patch),
+                                             interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(pairs)
+        for k, (gain, offset) in enumerate(maps):
+            x[:, k].mul_(gain).sub_(offset)
+        lined = remove_line_offsets_(x) if self.settings.remove_line_offsets else 0
+        return x, lined
+
+    def _structured(self, x: torch.Tensor) -> np.ndarray:
+        """Which patch pairs show structure in both frames."""
+        # the structure test runs on 4 x 4 binned patches: binning keeps noise white and texture coloured
+        n, patch = x.shape[0], x.shape[-1]
+        xb = torch.nn.functional.avg_pool2d(x.reshape(2 * n, 1, patch, patch), 4).reshape(2 * n, patch // 4, patch // 4)
+        with torch.no_grad():
+            struct = structure_ratio(xb).reshape(n, 2).min(dim=1).values
+        return (struct > self.settings.min_structure).numpy()
+
+    def _infer(self, x: torch.Tensor, valid: np.ndarray, model_px_nm: float, d_ratio: float) -> np.ndarray:
+        """Per-patch (wd, ax, ay in um at the pair's perturbation; score) of the structured patches."""
+        with torch.no_grad():
+            out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
+        pred = out.numpy().astype(np.float64)
+        pred[:, :3] *= d_ratio
+        return pred
 
     def _uncertain(self, reason: str, timings: dict, n: int, extra: dict | None = None) -> Correction:
         return Correction(wd_um=0.0, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0,

@@ -29,8 +29,8 @@ def specimen(em_dir):
     return load_specimen(em_dir / "flyem_fib25_8nm_520.ome.tif")     # held out of training
 
 
-def _pairs(specimen, pixel_nm: float, d_um: float, seed: int):
-    cfg = BenchConfig(pixel_size_nm=pixel_nm, dwell_ns=50.0, frame_px=(1024, 768))
+def _pairs(specimen, pixel_nm: float, d_um: float, seed: int, frame_px: tuple[int, int] = (1024, 768)):
+    cfg = BenchConfig(pixel_size_nm=pixel_nm, dwell_ns=50.0, frame_px=frame_px)
     rng = np.random.default_rng(seed)
     out = []
     for z in DEFOCUS_UM:
@@ -73,6 +73,27 @@ def test_fine_pixels_are_binned_into_the_models_range(specimen, estimator):
     unbinned = load_estimator_for(load_profile("setup_a"), device="cpu",
                                   settings=EstimatorSettings(bin_fine_pixels=False))
     assert _errors(unbinned, pairs, 3.0, 5.0).mean() > 2 * err.mean()
+
+
+def test_small_frames_report_how_far_their_answer_can_be_trusted(specimen, estimator):
+    # A 256 x 256 frame holds one patch: 8 crops of it agreed perfectly (uncertainty 0) whatever the error,
+    # so a wrong answer could never be refused. Agreement is measured on non-overlapping tiles instead.
+    pairs = _pairs(specimen, 10.0, 5.0, seed=21, frame_px=(256, 256))
+    unc, err = [], []
+    for minus, plus, true in pairs:
+        c = estimator.estimate(minus, plus, 10e-9)
+        assert c.status == "ok", c.extra
+        unc.append(c.uncertainty_wd_um)
+        err.append(abs(c.wd_um - true))
+    assert min(unc) > 0.1 and np.median(unc) > 0.5 * np.mean(err), (unc, err)
+    assert c.extra["spread_from_tiles"][0] >= 3
+    # too small to check agreement at all: refused, not answered
+    minus, plus, _ = pairs[0]
+    c = estimator.estimate(minus[:100, :100], plus[:100, :100], 10e-9)
+    assert c.status == "uncertain" and "too few patches side by side" in c.extra["reason"]
+    # frames with room for separate patches keep their own spread
+    minus, plus, _ = _pairs(specimen, 10.0, 5.0, seed=22)[0]
+    assert "spread_from_tiles" not in estimator.estimate(minus, plus, 10e-9).extra
 
 
 def test_pixels_too_coarse_and_perturbations_out_of_range_are_refused(estimator):

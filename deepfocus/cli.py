@@ -259,7 +259,7 @@ def average_command(args) -> int:
 def evaluate_command(args) -> int:
     from .evaluate import evaluate_models
     try:
-        res = evaluate_models(args.model, args.shards, args.kind)
+        res = evaluate_models(args.model, args.shards, args.kind, args.specimen)
     except (OSError, ValueError) as exc:
         print(f"deepfocus evaluate: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -406,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", type=Path, action="append", required=True, help="exported model (repeat to compare)")
     e.add_argument("--shards", type=Path, required=True, help="a run's data folder (RUN_DIR/data)")
     e.add_argument("--kind", choices=["val", "train"], default="val")
+    e.add_argument("--specimen", type=int, default=None, metavar="I",
+                   help="only the groups of one specimen: an index into datagen.VAL_SPECIMENS (0 FlyEM 520, "
+                        "1 EPFL slices 27-31) or, with --kind train, TRAIN_SPECIMENS")
     e.add_argument("--json", action="store_true", help="one JSON line per model")
     e.set_defaults(func=evaluate_command)
 

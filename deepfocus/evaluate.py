@@ -25,16 +25,18 @@ def shard_kind(paths: list[Path]) -> str:
     raise ValueError(f"{paths[0]} holds neither patch pairs nor spectral features")
 
 
-def evaluate_models(models: list[Path], shards_dir: Path, kind: str = "val") -> dict[str, dict]:
-    """Figures per model (keyed by path) on the ``kind`` shards in ``shards_dir``."""
+def evaluate_models(models: list[Path], shards_dir: Path, kind: str = "val",
+                    specimen: int | None = None) -> dict[str, dict]:
+    """Figures per model (keyed by path) on the ``kind`` shards in ``shards_dir``; with ``specimen``, on that
+    specimen's groups alone (an index into ``datagen.VAL_SPECIMENS`` or ``TRAIN_SPECIMENS``)."""
     from .models import build
     from .train_images import PairShards, evaluate_pairs
     paths = shard_paths(Path(shards_dir), kind)
     if not paths:
         raise FileNotFoundError(f"no {kind}_*.npz shards in {str(shards_dir)!r}")
     what = shard_kind(paths)
-    pairs = PairShards.load(paths) if what == "pairs" else None
-    feats = _load_shards(paths) if what == "features" else None
+    pairs = PairShards.load(paths, only=specimen) if what == "pairs" else None
+    feats = _load_shards(paths, only=specimen) if what == "features" else None
     out = {}
     for path in models:
         model, meta = load_exported(path)

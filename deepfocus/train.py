@@ -57,12 +57,23 @@ class TrainConfig:
     # spectral runs only: a folder of raw pair shards (written by an image-model run such as baseline.yaml) to
     # compute this run's feature shards from, with its own augmentation, instead of rendering new ones
     pair_data: str | None = None
+    # a folder of shards another run wrote with the same ``gen`` (and ``copies``), read instead of writing
+    # this run's own: models trained on one data set differently (``exclude_specimens``) share it
+    data_dir: str | None = None
+    # training specimens (indices into datagen.TRAIN_SPECIMENS) whose groups are left out of training: a
+    # model that never saw a tissue or microscope, to measure what an unseen one costs (validation unchanged)
+    exclude_specimens: list[int] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     gen: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch {self.arch!r} is not a known network; known: {', '.join(ARCHITECTURES)}")
+
+    @property
+    def data(self) -> Path:
+        """Where the shards are: ``data_dir``, else ``run_dir/data``."""
+        return Path(self.data_dir) if self.data_dir else Path(self.run_dir) / "data"
 
     @property
     def image_model(self) -> bool:
@@ -85,7 +96,7 @@ def generate(cfg: TrainConfig, log=print) -> None:
     import cv2
     cv2.setNumThreads(cfg.threads)      # the simulator's warps: keep the machine usable
     torch.set_num_threads(cfg.threads)
-    data = Path(cfg.run_dir) / "data"
+    data = cfg.data
     data.mkdir(parents=True, exist_ok=True)
     gen = datagen.GenConfig(**cfg.gen)
     loaded: dict = {}
@@ -111,12 +122,30 @@ def shard_paths(data: Path, kind: str) -> list[Path]:
     return [p for p in sorted(data.glob(f"{kind}_*.npz")) if not p.name.endswith(".tmp.npz")]
 
 
-def _load_shards(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+def specimen_mask(d, path: Path, exclude: list[int] | tuple = (), only: int | None = None) -> np.ndarray | None:
+    """Which groups of an open shard to keep: None (all) unless specimens are excluded or one is chosen."""
+    if not exclude and only is None:
+        return None
+    if "specimen" not in d.files:
+        raise ValueError(f"{path} records no specimen per group: it cannot be split by specimen")
+    spec = d["specimen"]
+    keep = ~np.isin(spec, list(exclude))
+    if only is not None:
+        keep &= spec == only
+    return keep
+
+
+def _load_shards(paths: list[Path], exclude: list[int] | tuple = (),
+                 only: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     f, t = [], []
     for p in paths:
         with np.load(p) as d:
-            f.append(d["features"])
-            t.append(d["targets"])
+            keep = specimen_mask(d, p, exclude, only)
+            f.append(d["features"] if keep is None else d["features"][keep])
+            t.append(d["targets"] if keep is None else d["targets"][keep])
+    if not sum(len(x) for x in t):
+        raise ValueError(f"no groups left in {len(paths)} shards once specimens were chosen "
+                         f"(excluded {list(exclude)}, only {only})")
     return torch.from_numpy(np.concatenate(f).astype(np.float32)), torch.from_numpy(np.concatenate(t))
 
 
@@ -347,7 +376,8 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     run = Path(cfg.run_dir)
-    data = run / "data"
+    run.mkdir(parents=True, exist_ok=True)     # the shards may live elsewhere (data_dir)
+    data = cfg.data
     model = SpectralNet(**cfg.model)
     optim = Optimisation(model, cfg)
     step, best = optim.resume(log)
@@ -363,7 +393,7 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
         shards = shard_paths(data, "train")
         if shards != known:
             known = shards
-            tf, tt = _load_shards(known)
+            tf, tt = _load_shards(known, cfg.exclude_specimens)
             log(f"step {step}: training on {len(known)} shards, {tf.shape[0]} groups")
         model.train()
         for _ in range(200):

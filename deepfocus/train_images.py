@@ -22,7 +22,7 @@ from . import datagen
 from .estimator import pick_device
 from .models import build
 from .train import (Optimisation, TrainConfig, consensus, export_best, group_loss, group_metrics, model_meta,
-                    record_validation, shard_paths, wait_for_shards)
+                    record_validation, shard_paths, specimen_mask, wait_for_shards)
 
 # as the spectral shards (one plain and one augmented copy of each group): the plain images are what a
 # microscope delivers, so half of what the network sees stays unaltered
@@ -43,11 +43,17 @@ class PairShards:
     aperture_angle_mrad: list[np.ndarray] = field(default_factory=list)
     _ends: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
+    exclude: tuple = ()                # specimen indices left out
+    only: int | None = None            # the one specimen kept
+
     @classmethod
-    def load(cls, paths: list[Path]) -> "PairShards":
-        shards = cls()
+    def load(cls, paths: list[Path], exclude: list[int] | tuple = (), only: int | None = None) -> "PairShards":
+        shards = cls(exclude=tuple(exclude), only=only)
         for p in paths:
             shards.add(p)
+        if paths and not shards.n_groups:
+            raise ValueError(f"no groups left in {len(paths)} shards once specimens were chosen "
+                             f"(excluded {list(exclude)}, only {only})")
         return shards
 
     @property
@@ -64,10 +70,12 @@ class PairShards:
             if pairs.dtype != np.uint8 or pairs.shape[1:] != shape:
                 raise ValueError(f"{path}: pairs are {pairs.dtype} {pairs.shape}, expected uint8 (n, "
                                  f"{', '.join(map(str, shape))})")
-            self.pairs.append(pairs)
-            self.targets.append(d["targets"].astype(np.float32))
-            self.pixel_size_nm.append(d["pixel_size_nm"].astype(np.float32))
-            self.aperture_angle_mrad.append(d["aperture_angle_mrad"].astype(np.float32))
+            keep = specimen_mask(d, path, self.exclude, self.only)
+            sel = (lambda a: a) if keep is None else (lambda a: a[keep])
+            self.pairs.append(sel(pairs))
+            self.targets.append(sel(d["targets"]).astype(np.float32))
+            self.pixel_size_nm.append(sel(d["pixel_size_nm"]).astype(np.float32))
+            self.aperture_angle_mrad.append(sel(d["aperture_angle_mrad"]).astype(np.float32))
         self.paths.append(path)
         self._ends = np.cumsum([len(t) for t in self.targets])
 
@@ -145,7 +153,8 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
     torch.manual_seed(cfg.seed)
     device = pick_device("auto")
     run = Path(cfg.run_dir)
-    data = run / "data"
+    run.mkdir(parents=True, exist_ok=True)     # the shards may live elsewhere (data_dir)
+    data = cfg.data
     model = build(cfg.arch, **cfg.model).to(device)
     if cfg.arch in CHANNELS_LAST_ARCHS:
         model = model.to(memory_format=torch.channels_last_3d)
@@ -157,7 +166,7 @@ def train_images(cfg: TrainConfig, log=print, max_seconds: float | None = None) 
             f"{cfg.arch} reads raw pixels and ignores it")
     wait_for_shards(cfg, data)
     val = PairShards.load(shard_paths(data, "val"))
-    train_set = PairShards()
+    train_set = PairShards(exclude=tuple(cfg.exclude_specimens))
     rng = np.random.default_rng(cfg.seed + step)
     meta_base = model_meta(cfg)
 

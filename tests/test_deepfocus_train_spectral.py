@@ -129,3 +129,34 @@ def test_evaluate_reads_feature_shards_with_spectral_models_only(run, tmp_path):
     export_model(BaselineNet(channels=(4, 4, 4, 4, 4, 4, 4)), tmp_path / "base.pt", {"arch": "baseline"})
     with pytest.raises(ValueError, match="evaluate it on pair shards"):
         evaluate_models([tmp_path / "base.pt"], run_dir / "data")
+
+
+def test_a_run_can_train_on_anothers_shards_leaving_specimens_out(run, tmp_path):
+    from deepfocus.evaluate import evaluate_models
+    from deepfocus.train import _load_shards
+    run_dir, _ = run
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    counts = {"train": 0, "val": 0}
+    for kind in counts:
+        for p in shard_paths(run_dir / "data", kind):
+            with np.load(p) as d:
+                arrays = dict(d)
+            # two specimens taking turns, so that leaving one out halves the groups
+            arrays["specimen"] = (np.arange(len(arrays["targets"])) % 2).astype(np.int16)
+            counts[kind] += len(arrays["targets"])
+            np.savez(shared / p.name, **arrays)
+    names = sorted(p.name for p in shared.iterdir())
+    cfg = TrainConfig(run_dir=str(tmp_path / "leave_out"), data_dir=str(shared), exclude_specimens=[1], seed=5,
+                      threads=1, train_shards=2, val_shards=1, groups_per_shard=4, steps=100, batch_groups=4,
+                      validate_every=100, min_train_shards=2, checkpoint_every_s=1e9, gen={"alpha_ref_mrad": 4.0})
+    logs: list[str] = []
+    generate(cfg, log=logs.append)
+    train(cfg, log=logs.append)
+    assert any(f"training on 2 shards, {counts['train'] // 2} groups" in s for s in logs), logs
+    assert (tmp_path / "leave_out" / "best.pt").is_file()
+    assert sorted(p.name for p in shared.iterdir()) == names           # nothing written into the other run's data
+    res = evaluate_models([run_dir / "best.pt"], shared, specimen=1)[str(run_dir / "best.pt")]
+    assert res["n_groups"] == counts["val"] // 2
+    with pytest.raises(ValueError, match="no groups left"):
+        _load_shards(shard_paths(shared, "val"), only=7)

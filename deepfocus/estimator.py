@@ -304,8 +304,8 @@ class DeepFocusEstimator(Estimator):
             # each tile answers less precisely than a whole patch, so this spread errs on the safe side.
             half = patch // 2
             tiles = _tile_offsets(a.shape, half * nbin, s.n_patches) if half >= 64 else []
-            xt, _ = self._cut(a, b, tiles, half, nbin, maps) if tiles else (None, 0)
-            valid_t = self._structured(xt) if tiles else np.zeros(0, bool)
+            xt = self._cut(a, b, tiles, half, nbin, maps)[0] if tiles else None
+            valid_t = self._structured(xt) if xt is not None else np.zeros(0, bool)
             if valid_t.sum() < s.min_patches:
                 return self._uncertain(
                     f"a frame of {a.shape[1]} x {a.shape[0]} px holds too few patches side by side to check that "

@@ -135,6 +135,12 @@ def specimen_mask(d, path: Path, exclude: list[int] | tuple = (), only: int | No
     return keep
 
 
+def check_groups_left(n_groups: int, paths: list[Path], exclude, only) -> None:
+    if paths and not n_groups:
+        raise ValueError(f"no groups left in {len(paths)} shards once specimens were chosen "
+                         f"(excluded {list(exclude)}, only {only})")
+
+
 def _load_shards(paths: list[Path], exclude: list[int] | tuple = (),
                  only: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     f, t = [], []
@@ -143,9 +149,7 @@ def _load_shards(paths: list[Path], exclude: list[int] | tuple = (),
             keep = specimen_mask(d, p, exclude, only)
             f.append(d["features"] if keep is None else d["features"][keep])
             t.append(d["targets"] if keep is None else d["targets"][keep])
-    if not sum(len(x) for x in t):
-        raise ValueError(f"no groups left in {len(paths)} shards once specimens were chosen "
-                         f"(excluded {list(exclude)}, only {only})")
+    check_groups_left(sum(len(x) for x in t), paths, exclude, only)
     return torch.from_numpy(np.concatenate(f).astype(np.float32)), torch.from_numpy(np.concatenate(t))
 
 

@@ -22,7 +22,8 @@ from . import datagen
 from .estimator import pick_device
 from .models import build
 from .train import (Optimisation, TrainConfig, consensus, export_best, group_loss, group_metrics, model_meta,
-                    record_validation, shard_paths, specimen_mask, wait_for_shards)
+                    record_validation, shard_paths, specimen_mask, check_groups_left,
+                    wait_for_shards)
 
 # as the spectral shards (one plain and one augmented copy of each group): the plain images are what a
 # microscope delivers, so half of what the network sees stays unaltered
@@ -51,9 +52,7 @@ class PairShards:
         shards = cls(exclude=tuple(exclude), only=only)
         for p in paths:
             shards.add(p)
-        if paths and not shards.n_groups:
-            raise ValueError(f"no groups left in {len(paths)} shards once specimens were chosen "
-                             f"(excluded {list(exclude)}, only {only})")
+        check_groups_left(shards.n_groups, paths, exclude, only)
         return shards
 
     @property

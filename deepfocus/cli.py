@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autofocus", help="run the closed loop on the simulated microscope and print the trace")
     sim_args(a)
     a.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost", "sweep"))
-    a.add_argument("--specimen", default=None)
+    a.add_argument("--specimen", default=None, help="TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
     a.add_argument("--pixel-size-nm", type=float, default=10.0)
     a.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
     a.add_argument("--start-wd-um", type=float, default=0.0, help="initial defocus set before the loop")
@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "matrix from known steps, for the microscope's YAML")
     sim_args(c)
     c.set_defaults(dwell_ns=100.0, iterations=4)
-    c.add_argument("--specimen", default=None)
+    c.add_argument("--specimen", default=None, help="TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
     c.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost"),
                    help="the estimator to calibrate (each answers with its own scale)")
     c.add_argument("--pixel-size-nm", type=float, default=10.0)
@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="closed-loop comparison of methods on the simulated microscope")
     sim_args(b)
     b.set_defaults(dwell_ns=50.0, iterations=3)
-    b.add_argument("--specimens", nargs="*", default=[])
+    b.add_argument("--specimens", nargs="*", default=[], help="TIFF/PNG images or stacks, one per trial in turn "
+                   "(default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
     b.add_argument("--pixel-size-nm", type=float, default=10.0)
     b.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
     b.add_argument("--methods", default="deepfocus,mapfost,sweep")

@@ -42,7 +42,8 @@ def _open(args):
 
 def _add_scan_arguments(p: argparse.ArgumentParser, size=(1024, 768)) -> None:
     add_profile_arguments(p)
-    p.add_argument("--specimen", help="TIFF/PNG image or stack to image instead of the synthetic neuropil")
+    p.add_argument("--specimen", help="TIFF/PNG image or stack to image instead of the synthetic neuropil "
+                   "(STACK.tif[A:B]: slices A to B-1 only)")
     p.add_argument("--specimen-pixel-size-nm", type=float, help="pixel size of --specimen if its file records none")
     p.add_argument("--section", type=int, help="image this wafer section (default: the first)")
     p.add_argument("--pixel-size-nm", type=float, default=10.0)

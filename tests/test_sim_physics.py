@@ -226,6 +226,26 @@ def test_frames_of_real_em_specimens(em_dir):
     assert sharpness(blurred) < 0.5 * sharpness(sharp)
 
 
+def test_a_specimen_can_keep_only_the_slices_training_left_out(em_dir):
+    """``stack.tif[27:32]`` images slices 27-31 (EPFL's validation slices), normalised as the whole stack is."""
+    from hardware.errors import ConfigError
+    from hardware.sim.specimen import load_specimen
+    path = em_dir / "epfl_ca1_fibsem_5nm.ome.tif"
+    whole = load_specimen(path)
+    held = load_specimen(f"{path}[27:32]")
+    assert held.slices.shape[0] == 5 and held.pixel_size_m == whole.pixel_size_m
+    np.testing.assert_array_equal(held.slices, whole.slices[27:32])
+    # an unmilled section shows the first kept slice, not slice 0 of the volume
+    scope = quiet_scope(specimen=held)
+    frame, _ = grab(scope, 0.0, size=256)
+    other = quiet_scope(specimen=whole)
+    assert not np.allclose(frame, grab(other, 0.0, size=256)[0])
+    with pytest.raises(ConfigError, match="none of them"):
+        load_specimen(f"{path}[40:50]")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_specimen(f"{em_dir / 'missing.ome.tif'}[0:2]")
+
+
 def hankel_otf(u: float, taper: float) -> float:
     """Reference OTF of an aperture filled as exp(-taper rho^2), by adaptive quadrature (not the simulator's table)."""
     from scipy import integrate

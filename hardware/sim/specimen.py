@@ -90,6 +90,9 @@ def _ome_pixel_size_m(tif) -> float | None:
     return float(m.group(1)) * scale
 
 
+_SLICE_SUFFIX = re.compile(r"(.+)\[(\d*):(\d*)\]")
+
+
 def _normalise(stack: np.ndarray) -> np.ndarray:
     stack = stack.astype(np.float32)
     lo, hi = np.percentile(stack, [0.1, 99.9])
@@ -103,9 +106,16 @@ def load_specimen(path: str | Path, pixel_size_m: float | None = None,
     """Read a TIFF/OME-TIFF stack or a PNG/JPEG image as a specimen.
 
     The pixel size comes from the OME metadata when present; ``pixel_size_m``
-    overrides it and is required for files that do not record one.
+    overrides it and is required for files that do not record one. ``stack.tif[27:32]``
+    keeps slices 27-31 only (Python's slice notation), e.g. the slices of a volume that
+    training left out; grey values are normalised over the whole stack first, as training does.
     """
     p = Path(path)
+    keep = None
+    m = _SLICE_SUFFIX.fullmatch(str(path))
+    if m and not p.is_file():
+        p = Path(m.group(1))
+        keep = slice(int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None)
     if not p.is_file():
         raise ConfigError(f"specimen file {str(p)!r} does not exist")
     recorded = None
@@ -134,7 +144,15 @@ def load_specimen(path: str | Path, pixel_size_m: float | None = None,
         raise ConfigError(f"specimen {str(p)!r} records no pixel size; give one (specimen_pixel_size_nm)")
     if not np.isfinite(data).all() if data.dtype.kind == "f" else False:
         raise ConfigError(f"specimen {str(p)!r} contains NaN or infinite values")
-    return Specimen(_normalise(data), float(size), float(slice_thickness_m or size), name=p.name)
+    stack, name = _normalise(data), p.name
+    if keep is not None:
+        n = stack.shape[0]
+        stack = stack[keep].copy()
+        if stack.shape[0] == 0:
+            raise ConfigError(f"specimen {str(path)!r}: the stack has {n} slices, none of them in "
+                              f"[{m.group(2)}:{m.group(3)}]")
+        name = f"{p.name}[{m.group(2)}:{m.group(3)}]"
+    return Specimen(stack, float(size), float(slice_thickness_m or size), name=name)
 
 
 # --------------------------------------------------------------------------- synthetic neuropil

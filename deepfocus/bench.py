@@ -16,7 +16,7 @@ import numpy as np
 
 from hardware.factory import open_microscope
 from hardware.sem import ScanSettings
-from hardware.sim.specimen import load_specimen
+from hardware.sim.specimen import Specimen, load_specimen
 
 from .autofocus import AutofocusSettings, autofocus
 from .calibration import StigCalibration
@@ -41,6 +41,29 @@ class BenchConfig:
     seed: int = 0
     n_patches: int | None = None          # DeepFocus patch pairs per estimate (None: the estimator's default)
     perturbation_um: float | None = None  # wd -/+ this for each pair (None: each method's own)
+    blank_fraction: float = 0.0           # share of each specimen's field made bare ground (see ``specimens``)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.blank_fraction < 1.0:
+            raise ValueError(f"blank fraction must be at least 0 and below 1, got {self.blank_fraction:g}")
+        if self.blank_fraction and not self.specimens:
+            raise ValueError("a blank fraction needs specimen images (--specimens PATH)")
+
+
+def specimens(cfg: BenchConfig) -> list:
+    """The bench's specimens (``[None]``: the synthetic one), with ``blank_fraction`` of each field's width made
+    bare dark ground, as where a section is milled through to the wafer or the field reaches resin."""
+    specs = [load_specimen(p) for p in cfg.specimens] or [None]
+    f = cfg.blank_fraction
+    if f == 0.0:
+        return specs
+    out = []
+    for sp in specs:
+        s = sp.slices.copy()
+        s[:, :, :int(round(f * s.shape[2]))] = 0.0     # the darkest grey of the normalised stack
+        # the field repeats mirrored, so the frame shows blank and tissue bands in these shares
+        out.append(Specimen(s, sp.pixel_size_m, sp.slice_thickness_m, name=f"{sp.name} ({f:.0%} blank)"))
+    return out
 
 
 def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
@@ -72,14 +95,14 @@ def _state(scope) -> tuple[float, float, float]:
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
-    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    specs = specimens(cfg)
     results: dict[str, dict] = {}
     errors = {m: np.full((cfg.trials, cfg.iterations + 1, 3), np.nan) for m in cfg.methods}
     per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": []} for m in cfg.methods}
     scan = ScanSettings(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
                         dwell_s=cfg.dwell_ns * 1e-9)
     for t in range(cfg.trials):
-        spec = specimens[t % len(specimens)]
+        spec = specs[t % len(specs)]
         seed = int(rng.integers(1, 2**31))
         z = rng.uniform(-1, 1) * cfg.start_range_um
         ds = rng.uniform(-1, 1, 2) * cfg.start_range_stig
@@ -167,11 +190,11 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
     """Single-iteration fidelity (thesis fig.): predicted vs true wd correction from one pair."""
     from .autofocus import acquire_pair
     rng = np.random.default_rng(cfg.seed + 7)
-    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    specs = specimens(cfg)
     est = None
     true, pred = [], []
     for i in range(n):
-        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, stig_range)
+        scope = aberrated_scope(cfg, rng, specs[i % len(specs)], wd_range_um, stig_range)
         if est is None:
             est = make_method(method, scope.config, cfg.model, cfg.n_patches)
         d = _perturbation_m(cfg) or est.perturbation_m

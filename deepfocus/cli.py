@@ -184,14 +184,14 @@ def calibrate_command(args) -> int:
 
 def bench_command(args) -> int:
     from .bench import BenchConfig, run_bench, write
-    cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
-                      methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
-                      trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
-                      start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
-                      margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed,
-                      n_patches=args.patches, pixel_size_nm=args.pixel_size_nm, frame_px=tuple(args.frame_px),
-                      perturbation_um=args.perturbation_um)
     try:
+        cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
+                          methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
+                          trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
+                          start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
+                          margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed,
+                          n_patches=args.patches, pixel_size_nm=args.pixel_size_nm, frame_px=tuple(args.frame_px),
+                          perturbation_um=args.perturbation_um, blank_fraction=args.blank_fraction)
         _estimator_settings(args)
         _perturbation_m(args)
     except ValueError as exc:
@@ -387,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--probe-shapes", type=int, default=0, metavar="N",
                    help="instead: N single pairs per probe shape (disc, gauss, halo, rim) blurred from one specimen "
                         "image, predicted vs true wd per shape and method")
+    b.add_argument("--blank-fraction", type=float, default=0.0, metavar="F",
+                   help="make this share of each specimen's field bare dark ground, as where a section is milled "
+                        "through to the wafer (the frames show blank and tissue bands in these shares)")
     b.add_argument("--frame-artefacts", type=int, default=0, metavar="N",
                    help="instead: N single pairs changed after acquisition as real saved frames are (the wd + d "
                         "frame's gain, gamma, shading, a shift; a data bar, detector bandwidth, smoothing, clipping, JPEG "

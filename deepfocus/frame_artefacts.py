@@ -25,10 +25,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from hardware.sim.specimen import load_specimen
-
 from .autofocus import acquire_pair
-from .bench import BenchConfig, aberrated_scope, make_method, true_correction_um
+from .bench import BenchConfig, aberrated_scope, make_method, specimens, true_correction_um
 from .datagen import lowpass_fast_axis, smooth_frames
 
 RAW = "deepfocus, no frame checks"
@@ -142,14 +140,14 @@ def true_astig_um(minus, plus) -> tuple[float, float]:
 def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, float] = (2.0, 20.0),
                          stig_range: float = 2.0, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed + 11)
-    specimens = [load_specimen(p) for p in cfg.specimens] or [None]
+    specs = specimens(cfg)
     methods = [m for m in cfg.methods if m != "sweep"]
     if len(methods) < len(cfg.methods):
         log("sweep takes its own frames through the microscope: not part of this check")
     truths, pairs = [], []
     cfg_micro = None
     for i in range(n):
-        scope = aberrated_scope(cfg, rng, specimens[i % len(specimens)], wd_range_um, stig_range)
+        scope = aberrated_scope(cfg, rng, specs[i % len(specs)], wd_range_um, stig_range)
         cfg_micro = scope.config
         minus, plus = acquire_pair(scope.sem, 5e-6)
         truths.append((true_correction_um(minus, plus), *true_astig_um(minus, plus)))

@@ -27,3 +27,17 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
         # one correction from a moderate start must reduce the defocus
         assert m["iterations"][1]["mae_wd_um"] < m["iterations"][0]["mae_wd_um"]
     assert Path(out.with_suffix(".png")).stat().st_size > 1000
+
+
+def test_a_blank_fraction_makes_that_share_of_each_specimen_bare_ground(em_dir):
+    from deepfocus.bench import specimens
+    path = str(em_dir / "flyem_fib25_8nm_520.ome.tif")
+    whole, = specimens(BenchConfig(specimens=[path]))
+    part, = specimens(BenchConfig(specimens=[path], blank_fraction=0.75))
+    cols = whole.slices.shape[2]
+    assert (part.slices[:, :, : 3 * cols // 4] == 0).all()
+    assert (part.slices[:, :, 3 * cols // 4 + 1:] == whole.slices[:, :, 3 * cols // 4 + 1:]).all()
+    with pytest.raises(ValueError, match="below 1"):
+        BenchConfig(specimens=[path], blank_fraction=1.0)
+    with pytest.raises(ValueError, match="needs specimen images"):
+        BenchConfig(blank_fraction=0.5)

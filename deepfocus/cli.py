@@ -10,6 +10,8 @@ from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 4
 PATCHES_HELP = "patch pairs per estimate (default 8); 12 covers a 1024 x 768 frame: more precise, more compute"
+SPECIMEN_HELP = ("TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps "
+                 "slices A to B-1")
 
 
 def _json_safe(v: Any) -> Any:
@@ -86,7 +88,8 @@ def predict_command(args) -> int:
     if alpha and est.aperture_angle_mrad is None:
         # the answers scale with the beam half-angle: say which one they assume
         print(f"deepfocus predict: no --aperture-angle-mrad or --profile: assuming the model's reference "
-              f"{est.alpha_ref_mrad:g} mrad (answers scale with it; `deepfocus calibrate` measures it)", file=sys.stderr)
+              f"{est.alpha_ref_mrad:g} mrad (answers scale with it; `deepfocus calibrate` measures it)",
+              file=sys.stderr)
     if args.json:
         print(json.dumps(_json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha or None))))
     else:
@@ -346,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("autofocus", help="run the closed loop on the simulated microscope and print the trace")
     sim_args(a)
     a.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost", "sweep"))
-    a.add_argument("--specimen", default=None, help="TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
+    a.add_argument("--specimen", default=None, help=SPECIMEN_HELP)
     a.add_argument("--pixel-size-nm", type=float, default=10.0)
     a.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
     a.add_argument("--start-wd-um", type=float, default=0.0, help="initial defocus set before the loop")
@@ -358,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "matrix from known steps, for the microscope's YAML")
     sim_args(c)
     c.set_defaults(dwell_ns=100.0, iterations=4)
-    c.add_argument("--specimen", default=None, help="TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
+    c.add_argument("--specimen", default=None, help=SPECIMEN_HELP)
     c.add_argument("--method", default="deepfocus", choices=("deepfocus", "mapfost"),
                    help="the estimator to calibrate (each answers with its own scale)")
     c.add_argument("--pixel-size-nm", type=float, default=10.0)
@@ -371,8 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="closed-loop comparison of methods on the simulated microscope")
     sim_args(b)
     b.set_defaults(dwell_ns=50.0, iterations=3)
-    b.add_argument("--specimens", nargs="*", default=[], help="TIFF/PNG images or stacks, one per trial in turn "
-                   "(default: the synthetic neuropil); STACK.tif[A:B] keeps slices A to B-1")
+    b.add_argument("--specimens", nargs="*", default=[], help=SPECIMEN_HELP + " (one per trial in turn)")
     b.add_argument("--pixel-size-nm", type=float, default=10.0)
     b.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
     b.add_argument("--methods", default="deepfocus,mapfost,sweep")
@@ -392,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "through to the wafer (the frames show blank and tissue bands in these shares)")
     b.add_argument("--frame-artefacts", type=int, default=0, metavar="N",
                    help="instead: N single pairs changed after acquisition as real saved frames are (the wd + d "
-                        "frame's gain, gamma, shading, a shift; a data bar, detector bandwidth, smoothing, clipping, JPEG "
-                        "or line offsets on both); wd bias and MAE, astigmatism MAE per change and method")
+                        "frame's gain, gamma, shading, a shift; a data bar, detector bandwidth, smoothing, clipping, "
+                        "JPEG or line offsets on both); wd bias and MAE, astigmatism MAE per change and method")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
 

@@ -44,11 +44,10 @@ class SpecimenSpec:
         path = Path(self.name)
         if not path.is_absolute():
             path = shared_data_dir() / self.name
-        sp = load_specimen(path)
         if self.slices is not None:
             a, b = self.slices
-            sp = Specimen(sp.slices[a:b].copy(), sp.pixel_size_m, sp.slice_thickness_m, name=f"{sp.name}[{a}:{b}]")
-        return sp
+            return load_specimen(f"{path}[{a}:{b}]")
+        return load_specimen(path)
 
 
 TRAIN_SPECIMENS = [SpecimenSpec("synthetic:11"), SpecimenSpec("synthetic:12"), SpecimenSpec("synthetic:13"),

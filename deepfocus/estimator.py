@@ -102,11 +102,15 @@ def _tiles(shape: tuple[int, int], patch: int) -> int:
     return (shape[0] // patch) * (shape[1] // patch)
 
 
-def _tile_offsets(shape: tuple[int, int], patch: int, n: int) -> list[tuple[int, int]]:
-    """Top-left corners of up to ``n`` non-overlapping patches, the grid centred in the frame."""
+def _tile_offsets(shape: tuple[int, int], patch: int, n: int | None = None) -> list[tuple[int, int]]:
+    """Top-left corners of up to ``n`` (None: all) non-overlapping patches, the grid centred in the frame."""
     rows, cols = shape[0] // patch, shape[1] // patch
     y0, x0 = (shape[0] - rows * patch) // 2, (shape[1] - cols * patch) // 2
     return [(y0 + r * patch, x0 + c * patch) for r in range(rows) for c in range(cols)][:n]
+
+
+# a replacement patch may share at most this share of its area with the patches kept
+MAX_PATCH_OVERLAP = 0.25
 
 
 def consensus(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -393,21 +397,17 @@ class DeepFocusEstimator(Estimator):
         A frame with structure everywhere never gets here and keeps its grid.
         """
         src = patch * nbin
-        h, w = a.shape
-        cand = _tile_offsets(a.shape, src, 10**6)
         half = src // 2
-        if h >= 2 * src and w >= 2 * src:
-            cand += [(y + half, x0 + half) for y, x0 in _tile_offsets((h - half, w - half), src, 10**6)
-                     if y + half + src <= h and x0 + half + src <= w]
+        # the shifted tiling lies inside the frame less half a patch, so it stays inside the frame
+        shifted = [(y + half, x0 + half) for y, x0 in _tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
         kept = [o for o, v in zip(offs, valid) if v]
-        cand = [o for o in dict.fromkeys(cand) if o not in offs]
-        if not cand:
-            return x, valid, 0
 
-        def overlap(p, q) -> float:
-            return max(0, src - abs(p[0] - q[0])) * max(0, src - abs(p[1] - q[1])) / src ** 2
+        def free(o: tuple[int, int]) -> bool:
+            return all(max(0, src - abs(o[0] - k[0])) * max(0, src - abs(o[1] - k[1])) <= MAX_PATCH_OVERLAP * src ** 2
+                       for k in kept)
 
-        cand = [o for o in cand if all(overlap(o, k) <= 0.25 for k in kept)]
+        # only candidates the kept grid patches leave room for are cut and tested
+        cand = [o for o in dict.fromkeys(_tile_offsets(a.shape, src) + shifted) if o not in offs and free(o)]
         if not cand:
             return x, valid, 0
         xc, _ = self._cut(a, b, cand, patch, nbin, maps)
@@ -416,7 +416,7 @@ class DeepFocusEstimator(Estimator):
         for i in np.argsort(-sc):
             if sc[i] <= self.settings.min_structure or len(kept) >= len(offs):
                 break
-            if all(overlap(cand[i], k) <= 0.25 for k in kept):
+            if free(cand[i]):
                 kept.append(cand[i])
                 added.append(int(i))
         if not added:

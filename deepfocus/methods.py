@@ -21,9 +21,13 @@ from .calibration import StigCalibration
 from .correction import Correction, Estimator
 
 
+MAPFOST_MIN_CROP_PX = 128
+
+
 class MapfostEstimator(Estimator):
     def __init__(self, aperture_angle_rad: float, calibration: StigCalibration | None = None,
-                 crop_px: int = 512, radial_aperture: float = 0.25, perturbation_m: float = 5e-6):
+                 crop_px: int = 512, radial_aperture: float = 0.25, perturbation_m: float = 5e-6,
+                 register_margin_px: int = 64):
         try:
             from mapfost.mapfost import est_aberr
         except ImportError as exc:
@@ -34,6 +38,7 @@ class MapfostEstimator(Estimator):
         self.crop_px = int(crop_px)
         self.radial_aperture = float(radial_aperture)
         self.perturbation_m = float(perturbation_m)
+        self.register_margin_px = int(register_margin_px)
 
     @property
     def aperture_angle_mrad(self) -> float:
@@ -52,7 +57,14 @@ class MapfostEstimator(Estimator):
             raise ValueError(f"expected two 2-D images of one shape, got {a.shape} and {b.shape}")
         d_um = (perturbation_m or self.perturbation_m) * 1e6
         h, w = a.shape
-        cy, cx = min(self.crop_px, h), min(self.crop_px, w)
+        # mapfost registers the two crops and moves the second by the shift it finds; a crop filling the frame
+        # has nowhere to move, and on strongly blurred pairs it then fails (measured on 512 x 512 frames: 5 of
+        # 20 starts beyond +21 um). So the crop leaves a margin, as on a larger frame.
+        side = min(self.crop_px, h - 2 * self.register_margin_px, w - 2 * self.register_margin_px)
+        if side < MAPFOST_MIN_CROP_PX:
+            raise ValueError(f"a {w} x {h} frame is too small for MAPFoSt: it needs a crop of at least "
+                             f"{MAPFOST_MIN_CROP_PX} px and {self.register_margin_px} px around it")
+        cy = cx = side
         ok, _, res = self._est([a, b], [-d_um, d_um], pix_size_um=pixel_size_m * 1e6,
                                num_aperture=self.alpha * self.radial_aperture, stig_rot_deg=0, stig_scale=[1, 1],
                                crop_ref=((w - cx) // 2, (h - cy) // 2), crop_size=(cx, cy),

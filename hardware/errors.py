@@ -5,6 +5,11 @@ an operator reading a log at 3 a.m. knows what to fix without the source code.
 """
 from __future__ import annotations
 
+import math
+
+# relative difference below which a value equals a limit (a few rounding steps of a double)
+LIMIT_ROUNDING = 1e-12
+
 
 class HardwareError(Exception):
     """Base class of every error raised by the hardware layer."""
@@ -45,6 +50,11 @@ def check_range(quantity: str, value: float, low: float, high: float, unit: str 
         v = float(value)
     except (TypeError, ValueError):
         raise LimitError(quantity, float("nan"), low, high, unit) from None
+    # a limit written in other units (25 ns -> 2.5e-08 s) can come out one rounding step away from the same
+    # value the caller wrote: within that the value is the limit itself, and the limit is what is set
+    for bound in (low, high):
+        if math.isfinite(bound) and abs(v - bound) <= LIMIT_ROUNDING * abs(bound):
+            return float(bound)
     if not (low <= v <= high):  # also rejects NaN
         raise LimitError(quantity, v, low, high, unit)
     return v

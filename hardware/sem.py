@@ -121,10 +121,11 @@ class SEM(ABC):
         if changes:
             s = replace(s, **changes)
         lim = self.limits
-        check_range("pixel size", s.pixel_size_m, lim.pixel_size_min_m, lim.pixel_size_max_m, "m")
         if not s.dwell_s > 0:
             raise LimitError("dwell time", s.dwell_s, lim.dwell_min_s, lim.dwell_max_s, "s")
-        check_range("dwell time", s.dwell_s, lim.dwell_min_s, lim.dwell_max_s, "s")
+        s = replace(s, pixel_size_m=check_range("pixel size", s.pixel_size_m, lim.pixel_size_min_m,
+                                                lim.pixel_size_max_m, "m"),
+                    dwell_s=check_range("dwell time", s.dwell_s, lim.dwell_min_s, lim.dwell_max_s, "s"))
         for name, v in (("frame width", s.width_px), ("frame height", s.height_px)):
             if int(v) != v:
                 raise LimitError(name, v, lim.frame_min_px, lim.frame_max_px, "px")

@@ -54,6 +54,15 @@ class SEMInterfaceTests:
                 sem.set_scan(**bad)
         assert sem.get_scan() == s
 
+    def test_the_shortest_dwell_is_accepted_as_written(self, sem):
+        """A limit kept in other units (ns in a profile) must not refuse the same value written in seconds."""
+        lo = sem.limits.dwell_min_s
+        as_written = float(f"{lo * 1e9:.6g}e-9")          # 25 ns typed as 25e-9 s
+        s = sem.set_scan(pixel_size_m=10e-9, width_px=64, height_px=48, dwell_s=as_written)
+        assert s.dwell_s == lo and sem.get_scan().dwell_s == lo
+        with pytest.raises(LimitError, match="dwell time"):
+            sem.set_scan(dwell_s=lo * (1 - 1e-6))
+
     def test_grab_returns_a_frame_of_the_set_size(self, sem):
         sem.set_scan(pixel_size_m=10e-9, width_px=96, height_px=64, dwell_s=100e-9)
         f = sem.grab_frame()

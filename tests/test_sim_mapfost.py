@@ -71,27 +71,19 @@ def test_closed_loop_on_mapfost_converges(scope):
     assert np.all(np.abs(stig_err) < 0.25), stig_err
 
 
-def pair(scope):
-    sem, wd = scope.sem, scope.sem.get_wd_m()
-    frames = []
-    for d in (-5e-6, 5e-6):
-        sem.set_wd_m(wd + d)
-        frames.append(sem.grab_frame().image)
-    sem.set_wd_m(wd)
-    return frames
-
-
 @pytest.mark.parametrize("z_um", [22.0, 27.0])
 def test_mapfost_on_a_frame_no_larger_than_its_crop_keeps_room_to_register(z_um):
     """On a 512 x 512 frame the 512 px crop would fill the frame: far from focus mapfost's registration then
     moves it out of the frame and the estimate fails. The wrapper takes a smaller centred crop instead."""
+    from deepfocus.autofocus import acquire_pair
     from deepfocus.methods import MapfostEstimator
 
     s = open_microscope("setup_a", ["seed=3"])
     s.sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=512, dwell_s=50e-9)
     set_relative_aberration(s, z_um, (0.0, 0.0))
     est = MapfostEstimator(s.config.optics.aperture_angle_mrad * 1e-3)
-    c = est.estimate(*pair(s), 10e-9)
+    minus, plus = acquire_pair(s.sem, 5e-6)
+    c = est.estimate(minus.image, plus.image, 10e-9)
     assert c.status == "ok", c.extra
     t = truth(s)
     # the correction to add points back to focus and takes out most of the defocus

@@ -23,7 +23,8 @@ import numpy as np
 BIN = 4
 CROP_PX = 2048         # central crop registered (the whole frame up to this): shifts up to a quarter of it
 # phase-correlation peak below this: no clear shift, the frames are left as they are (two frames of pure
-# noise reach up to about 0.35; pairs of the simulated specimens at 2-35 um defocus 0.7-1.1)
+# noise reach up to about 0.35; whole simulated frames at 2-40 um defocus 0.7-1.3 with tissue all over, down to
+# 0.41 with three quarters blank at 0.4 e/nm2)
 MIN_RESPONSE = 0.5
 # one binned pixel: the measurement's precision far from focus; a shift this small changes nothing measurable
 MIN_SHIFT_PX = BIN

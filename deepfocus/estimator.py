@@ -26,7 +26,7 @@ from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
 from .line_offsets import remove_line_offsets_
-from .registration import common_field, measure_shift
+from .registration import MIN_FIELD_CORRELATION, common_field, field_correlation, measure_shift
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
@@ -135,6 +135,8 @@ class EstimatorSettings:
     max_contrast_ratio: float = 1.5      # frames differing more than this in contrast: "uncertain", not a move
     drop_databar: bool = True            # leave out drawn rows/columns at the frame's edge (deepfocus.databar)
     register: bool = True                # cut patches where the frames show the same field (deepfocus.registration)
+    # registered frames whose structure correlates less than this show different fields: "uncertain" (0: no check)
+    min_field_correlation: float = MIN_FIELD_CORRELATION
     remove_line_offsets: bool = True     # per-line brightness offsets out of the patches (deepfocus.line_offsets)
     bin_fine_pixels: bool = True         # pixels finer than the model saw in training: bin them into its range
 
@@ -288,6 +290,18 @@ class DeepFocusEstimator(Estimator):
                                    "wd + d", {"total": time.perf_counter() - t0},
                                    int(valid.sum()))
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
+        if s.min_field_correlation > 0:
+            fc = field_correlation(a, b)
+            if math.isfinite(fc):
+                extra["field_correlation"] = round(fc, 3)
+                if fc < s.min_field_correlation:
+                    # moved by more than registration finds (a quarter of the frame): patches at equal offsets
+                    # would compare different specimen and answer several micrometres off
+                    return self._uncertain(
+                        f"the two frames do not show the same field (structure correlates {fc:.2f}, need "
+                        f"{s.min_field_correlation:g}): the stage or the image moved between them by more than a "
+                        "quarter of the frame; take the pair again once the stage has settled",
+                        {"total": time.perf_counter() - t0}, int(valid.sum()), extra)
         if shift is not None and shift.any:
             extra["shift_px"] = [shift.dy_px, shift.dx_px]
         if nbin > 1:

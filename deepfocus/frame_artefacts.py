@@ -36,7 +36,8 @@ CHANGES = (("none", "gain", 1.0), ("gain 0.9", "gain", 0.9), ("gain 1.1", "gain"
            ("shading 0.5", "shading", 0.5), ("data bar 80 rows", "databar", 80),
            ("bandwidth tau 1 px", "lowpass", 1.0), ("bandwidth tau 2 px", "lowpass", 2.0),
            ("smoothed sigma 0.8 px", "smooth", 0.8), ("shift 4 px", "shift", 4),
-           ("shift 24 px", "shift", 24), ("clipped 2 %", "clip", 2.0), ("jpeg quality 75", "jpeg", 75),
+           ("shift 24 px", "shift", 24), ("moved 300 px", "shift", 300), ("clipped 2 %", "clip", 2.0),
+           ("jpeg quality 75", "jpeg", 75),
            ("line offsets 0.1 s.d.", "lines", 0.1), ("line offsets 0.3 s.d.", "lines", 0.3))
 
 
@@ -156,7 +157,7 @@ def run_frame_artefacts(cfg: BenchConfig, n: int, wd_range_um: tuple[float, floa
     if "deepfocus" in estimators:
         raw = make_method("deepfocus", cfg_micro, cfg.model, cfg.n_patches)
         raw.settings = replace(raw.settings, match_contrast=False, drop_databar=False, register=False,
-                               remove_line_offsets=False)
+                               min_field_correlation=0.0, remove_line_offsets=False)
         estimators[RAW] = raw
     t = np.array(truths)
     out: dict[str, dict] = {}

@@ -45,6 +45,11 @@ def test_shipped_estimator_reads_through_a_shift_clipping_and_jpeg(res):
         assert got["mae_astig_um"] < clean["mae_astig_um"] + 0.15, (name, got, clean)
 
 
+def test_frames_moved_by_a_third_of_the_field_are_refused_not_answered(res):
+    got = res["changes"]["moved 300 px"]["deepfocus"]
+    assert got["uncertain"] == 3, got
+
+
 def test_line_offsets_are_taken_out_before_they_read_as_astigmatism(res):
     per = res["changes"]["line offsets 0.3 s.d."]
     clean = res["changes"]["none"]["deepfocus"]

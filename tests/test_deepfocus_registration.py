@@ -7,7 +7,7 @@ import pytest
 from deepfocus.autofocus import acquire_pair
 from deepfocus.estimator import EstimatorSettings, load_estimator
 from deepfocus.frame_artefacts import shift_pair
-from deepfocus.registration import PairShift, common_field, measure_shift
+from deepfocus.registration import PairShift, common_field, field_correlation, measure_shift
 from hardware.factory import open_microscope
 from hardware.sim.series import set_relative_aberration
 
@@ -87,3 +87,31 @@ def test_a_shift_of_a_fifth_of_the_frame_is_found_and_answered_as_no_shift():
     assert got.extra["shift_px"][0] == 0 and abs(got.extra["shift_px"][1] + 200) <= 4, got.extra
     assert abs(got.wd_um - aligned.wd_um) < 0.5
     assert abs(got.astig_x_um - aligned.astig_x_um) < 0.3 and abs(got.astig_y_um - aligned.astig_y_um) < 0.3
+
+
+def test_frames_moved_by_more_than_registration_finds_are_answered_uncertain():
+    """A third of the frame between the two frames is beyond what registration finds: the patches would compare
+    different specimen, so the answer is "uncertain", not a move micrometres off. (The patches' spread refuses
+    many such pairs on its own, not all: this one it answered 2.7 um off.)"""
+    scope = open_microscope("setup_a", ["seed=5"])
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=1472, height_px=768, dwell_s=50e-9)
+    set_relative_aberration(scope, 8.0, (0.5, -0.3))
+    minus, plus = (f.image for f in acquire_pair(scope.sem, 5e-6))
+    est = load_estimator(device="cpu")
+    aligned = est.estimate(minus[:, :1024], plus[:, :1024], 10e-9, 5e-6)
+    assert aligned.status == "ok" and aligned.extra["field_correlation"] > 0.9, aligned.extra
+    moved = minus[:, :1024], plus[:, 360:1384]               # plus shows at x what minus shows at x + 360
+    got = est.estimate(*moved, 10e-9, 5e-6)
+    assert got.status == "uncertain" and "same field" in got.extra["reason"], got.extra
+    assert got.extra["field_correlation"] < 0.3
+    # what the check prevents: without it the same pair is answered as a move
+    unchecked = load_estimator(device="cpu", settings=EstimatorSettings(min_field_correlation=0.0))
+    c = unchecked.estimate(*moved, 10e-9, 5e-6)
+    assert c.status == "ok" and abs(c.wd_um - aligned.wd_um) > 1.5, (c.wd_um, aligned.wd_um)
+
+
+def test_field_correlation_of_a_genuine_pair_far_from_focus_is_high():
+    minus, plus = _pair(-25.0)
+    assert field_correlation(minus, plus) > 0.9
+    assert field_correlation(minus[:, :700], plus[:, 300:1000]) < 0.3
+    assert np.isnan(field_correlation(minus[:64, :64], plus[:64, :64]))     # too small to tell

@@ -102,10 +102,13 @@ def field_correlation(minus: np.ndarray, plus: np.ndarray) -> float:
     """Correlation of the two frames' band-passed structure: about 1 when they show the same field, whatever the
     defocus and contrast of each; near 0 when they show different parts of the specimen. NaN for frames too
     small to tell (under 16 binned px a side) or without structure in this band."""
-    h, w = minus.shape[0] // FIELD_BIN * FIELD_BIN, minus.shape[1] // FIELD_BIN * FIELD_BIN
+    # the central crop registration measures (larger frames cost more and tell nothing more)
+    h = min(CROP_PX, minus.shape[0]) // FIELD_BIN * FIELD_BIN
+    w = min(CROP_PX, minus.shape[1]) // FIELD_BIN * FIELD_BIN
     if h < 16 * FIELD_BIN or w < 16 * FIELD_BIN:
         return float("nan")
-    a, b = _band(minus, h, w), _band(plus, h, w)
+    y0, x0 = (minus.shape[0] - h) // 2, (minus.shape[1] - w) // 2
+    a, b = _band(minus[y0:, x0:], h, w), _band(plus[y0:, x0:], h, w)
     norm = float(np.sqrt((a * a).sum() * (b * b).sum()))
     if not np.isfinite(norm) or norm == 0.0:
         return float("nan")

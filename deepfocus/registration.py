@@ -17,7 +17,7 @@ shift would filter one frame only.
 A shift beyond a quarter of the frame is not found, and the patches would then compare
 different specimen and answer wd several micrometres off (measured: 3-8 um at 300-450 px
 of 1024). ``field_correlation`` tells such pairs apart after registration: the frames'
-structure on scales of about 8-64 px correlates 0.976 or more between the two frames of
+structure on scales of about 16-128 px correlates 0.976 or more between the two frames of
 genuine pairs (3-45 um defocus, FlyEM/EPFL/synthetic, 25-100 ns, 2.5-30 nm pixels, setup_a
 and setup_b, half or three quarters blank at 0.15 nA, about 0.5 e/nm2 per frame) and at
 most 0.38 between frames moved by 300-500 px (0.64 where a simulated specimen, 5 um across,
@@ -37,8 +37,8 @@ CROP_PX = 2048         # central crop registered (the whole frame up to this): s
 MIN_RESPONSE = 0.5
 # one binned pixel: the measurement's precision far from focus; a shift this small changes nothing measurable
 MIN_SHIFT_PX = BIN
-# band-pass of the same-field check: bin 8 x 8, then Gaussians of 2 and 16 binned px; the defocus blur (at most
-# about 50 px across at 40 um and 10 nm pixels) leaves this band to both frames
+# band-pass of the same-field check: bin 8 x 8, then Gaussians of 2 and 16 binned px (16 and 128 px); the defocus
+# blur (2 alpha z across: 32 px at 40 um, 4 mrad and 10 nm pixels) leaves most of this band to both frames
 FIELD_BIN = 8
 FIELD_SIGMA_PX = (2.0, 16.0)
 # below this the frames do not show the same field (figures in the module's comment)
@@ -89,7 +89,8 @@ def _band(image: np.ndarray, h: int, w: int) -> np.ndarray:
     # 16-bit frames are binned as they are (the bin mean rounded to 1 of 65535), others as float32
     c = np.ascontiguousarray(c if c.dtype in (np.uint16, np.float32) else c.astype(np.float32))
     b = cv2.resize(c, (w // FIELD_BIN, h // FIELD_BIN), interpolation=cv2.INTER_AREA).astype(np.float32)
-    # the wide Gaussian on a 4 x coarser grid, brought back linearly: the same low-pass at a tenth of the cost
+    # the wide Gaussian on a 4 x coarser grid, brought back linearly: nearly the same low-pass at a tenth of
+    # the cost (the figures above were measured with it)
     bh, bw = b.shape
     small = cv2.resize(b, (max(1, bw // 4), max(1, bh // 4)), interpolation=cv2.INTER_AREA)
     wide = cv2.resize(cv2.GaussianBlur(small, (0, 0), FIELD_SIGMA_PX[1] / 4), (bw, bh),

@@ -23,6 +23,15 @@ def _pair(defocus_um: float):
     return minus.image, plus.image
 
 
+def _wide_pair(width_px: int, defocus_um: float):
+    """A pair wider than 1024 px, to cut 1024 px frames from that show the specimen moved along x."""
+    scope = open_microscope("setup_a", ["seed=5"])
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=width_px, height_px=768, dwell_s=50e-9)
+    set_relative_aberration(scope, defocus_um, (0.5, -0.3))
+    minus, plus = acquire_pair(scope.sem, 5e-6)
+    return minus.image, plus.image
+
+
 @pytest.fixture(scope="module")
 def near():
     return _pair(3.0)
@@ -76,10 +85,7 @@ def test_a_shift_of_a_fifth_of_the_frame_is_found_and_answered_as_no_shift():
     """Two micrometres between the frames (a stage still settling): the whole frame is registered, not only its
     centre, so such a shift is found (a central 512 px crop did not find it: FlyEM pairs were answered up to 8 um
     off)."""
-    scope = open_microscope("setup_a", ["seed=5"])
-    scope.sem.set_scan(pixel_size_m=10e-9, width_px=1224, height_px=768, dwell_s=50e-9)
-    set_relative_aberration(scope, 4.0, (0.5, -0.3))
-    minus, plus = (f.image for f in acquire_pair(scope.sem, 5e-6))
+    minus, plus = _wide_pair(1224, 4.0)
     est = load_estimator(device="cpu")
     aligned = est.estimate(minus[:, :1024], plus[:, :1024], 10e-9, 5e-6)
     got = est.estimate(minus[:, :1024], plus[:, 200:], 10e-9, 5e-6)      # plus shows at x what minus shows at x + 200
@@ -93,10 +99,7 @@ def test_frames_moved_by_more_than_registration_finds_are_answered_uncertain():
     """A third of the frame between the two frames is beyond what registration finds: the patches would compare
     different specimen, so the answer is "uncertain", not a move micrometres off. (The patches' spread refuses
     many such pairs on its own, not all: this one it answered 2.7 um off.)"""
-    scope = open_microscope("setup_a", ["seed=5"])
-    scope.sem.set_scan(pixel_size_m=10e-9, width_px=1472, height_px=768, dwell_s=50e-9)
-    set_relative_aberration(scope, 8.0, (0.5, -0.3))
-    minus, plus = (f.image for f in acquire_pair(scope.sem, 5e-6))
+    minus, plus = _wide_pair(1472, 8.0)
     est = load_estimator(device="cpu")
     aligned = est.estimate(minus[:, :1024], plus[:, :1024], 10e-9, 5e-6)
     assert aligned.status == "ok" and aligned.extra["field_correlation"] > 0.9, aligned.extra

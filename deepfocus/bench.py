@@ -3,11 +3,18 @@
 Each trial draws a specimen, a stage position and an initial aberration (wd, stigmator
 x, stigmator y); every method then runs on a fresh microscope with the same seed in the
 same state. After each correction the true aberration is read from the simulator.
+
+A method may take its focus frames with a scan of its own, written after ``@`` as
+colon-separated dwell, pixel size and frame size (``deepfocus@25ns:20nm:512x384``), the
+rest from the bench's scan. One run can so hold the same method at several operating
+points, all from the same starts: how a facility finds the least dose at which a method
+still focuses reliably.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +73,61 @@ def specimens(cfg: BenchConfig) -> list:
     return out
 
 
+METHOD_NAMES = ("deepfocus", "mapfost", "sweep")
+_SCAN_TOKEN = re.compile(r"^(?:(?P<dwell>[0-9.]+)ns|(?P<pixel>[0-9.]+)nm|(?P<w>[0-9]+)x(?P<h>[0-9]+))$")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One method of a bench run and the scan of its focus frames."""
+    label: str                      # as written, e.g. "deepfocus@25ns:512x384"; the key of its results
+    method: str                     # deepfocus, mapfost or sweep
+    scan: ScanSettings
+
+
+def method_runs(cfg: BenchConfig) -> list[MethodRun]:
+    """``cfg.methods`` parsed; ValueError naming the entry that is malformed or repeated."""
+    runs, seen = [], set()
+    for label in cfg.methods:
+        name, _, spec = label.partition("@")
+        if name not in METHOD_NAMES:
+            raise ValueError(f"unknown method {name!r} in {label!r}; known: {', '.join(METHOD_NAMES)}")
+        if label in seen:
+            raise ValueError(f"method {label!r} is listed twice")
+        seen.add(label)
+        dwell, pixel, (w, h) = cfg.dwell_ns, cfg.pixel_size_nm, cfg.frame_px
+        for tok in (spec.split(":") if spec else []):
+            m = _SCAN_TOKEN.match(tok.strip())
+            if m is None:
+                raise ValueError(f"cannot read {tok!r} in {label!r}: write the focus frames' scan as e.g. "
+                                 "deepfocus@25ns:20nm:512x384 (dwell, pixel size, frame size)")
+            try:
+                if m["dwell"]:
+                    dwell = float(m["dwell"])
+                elif m["pixel"]:
+                    pixel = float(m["pixel"])
+                else:
+                    w, h = int(m["w"]), int(m["h"])
+            except ValueError:
+                raise ValueError(f"cannot read {tok!r} in {label!r} as a number") from None
+        runs.append(MethodRun(label, name, ScanSettings(pixel_size_m=pixel * 1e-9, width_px=w, height_px=h,
+                                                        dwell_s=dwell * 1e-9)))
+    return runs
+
+
+def check_scans(cfg: BenchConfig) -> None:
+    """Every method's focus scan set once on the profile's microscope: LimitError (a ValueError) naming the
+    setting beyond its limit, before any trial runs."""
+    runs = method_runs(cfg)
+    scope = open_microscope(cfg.profile, list(cfg.overrides))
+    for r in runs:
+        try:
+            scope.sem.set_scan(pixel_size_m=r.scan.pixel_size_m, width_px=r.scan.width_px,
+                               height_px=r.scan.height_px, dwell_s=r.scan.dwell_s)
+        except ValueError as exc:
+            raise ValueError(f"{r.label}: {exc}") from None
+
+
 def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
     cal = StigCalibration.from_config(cfg_micro)
     if name == "deepfocus":
@@ -79,7 +141,7 @@ def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None =
     if name == "sweep":
         from .methods import SweepFocus
         return SweepFocus(calibration=cal)
-    raise ValueError(f"unknown method {name!r}; known: deepfocus, mapfost, sweep")
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHOD_NAMES)}")
 
 
 def _perturbation_m(cfg: BenchConfig) -> float | None:
@@ -97,19 +159,20 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     rng = np.random.default_rng(cfg.seed)
     specs = specimens(cfg)
     results: dict[str, dict] = {}
+    runs = method_runs(cfg)
     errors = {m: np.full((cfg.trials, cfg.iterations + 1, 3), np.nan) for m in cfg.methods}
-    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": []} for m in cfg.methods}
-    scan = ScanSettings(pixel_size_m=cfg.pixel_size_nm * 1e-9, width_px=cfg.frame_px[0], height_px=cfg.frame_px[1],
-                        dwell_s=cfg.dwell_ns * 1e-9)
+    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": []}
+           for m in cfg.methods}
     for t in range(cfg.trials):
         spec = specs[t % len(specs)]
         seed = int(rng.integers(1, 2**31))
         z = rng.uniform(-1, 1) * cfg.start_range_um
         ds = rng.uniform(-1, 1, 2) * cfg.start_range_stig
         off = rng.uniform(-2e-4, 2e-4, 2)
-        for name in cfg.methods:
+        for run in runs:
+            name, scan = run.label, run.scan
             scope = open_microscope(cfg.profile, list(cfg.overrides) + [f"seed={seed}"], specimen=spec)
-            method = make_method(name, scope.config, cfg.model, cfg.n_patches)
+            method = make_method(run.method, scope.config, cfg.model, cfg.n_patches)
             p0 = scope.stage.position()
             scope.stage.move_to(x_m=p0.x_m + off[0], y_m=p0.y_m + off[1])
             # keep the profile's scan rotation: the stigmator calibration was folded for it
@@ -137,15 +200,18 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     errors[name][t, k] = last
             per[name]["compute"] += [r.compute_s for r in res.trace]
             per[name]["outcomes"].append(res.outcome)
+            if res.images_taken:
+                per[name]["frame_dose"].append(res.dose_e_per_nm2 / res.images_taken)
             if hits:
                 per[name]["time"].append(hits[0][0])
                 per[name]["dose"].append(hits[0][1])
             else:
                 per[name]["failed"] += 1
             e = errors[name][t, -1]
-            log(f"trial {t} {name:9s} start ({z:+.1f} um, {ds[0]:+.2f}, {ds[1]:+.2f}) -> "
+            log(f"trial {t} {name:11s} start ({z:+.1f} um, {ds[0]:+.2f}, {ds[1]:+.2f}) -> "
                 f"|wd| {e[0]:.2f} um, |stig| {e[1]:.3f} {e[2]:.3f}  {res.outcome}")
-    for name in cfg.methods:
+    for run in runs:
+        name, sc = run.label, run.scan
         e = errors[name]
         within = (e[..., 0] <= cfg.margin_wd_um) & (np.maximum(e[..., 1], e[..., 2]) <= cfg.margin_stig)
         med = lambda v: float(statistics.median(v)) if v else float("nan")  # noqa: E731
@@ -158,6 +224,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "dose_to_focus_e_per_nm2_median": med(per[name]["dose"]),
             "failed": per[name]["failed"],
             "outcomes": {o: per[name]["outcomes"].count(o) for o in sorted(set(per[name]["outcomes"]))},
+            "focus_scan": {"dwell_ns": round(sc.dwell_s * 1e9, 6), "pixel_size_nm": round(sc.pixel_size_m * 1e9, 6),
+                           "frame_px": [sc.width_px, sc.height_px],
+                           "dose_per_frame_e_per_nm2": med(per[name]["frame_dose"])},
         }
     cfg_dict = dict(cfg.__dict__)
     return {"config": cfg_dict, "methods": results}

@@ -186,7 +186,7 @@ def calibrate_command(args) -> int:
 
 
 def bench_command(args) -> int:
-    from .bench import BenchConfig, run_bench, write
+    from .bench import BenchConfig, check_scans, run_bench, write
     try:
         cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
                           methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
@@ -197,7 +197,8 @@ def bench_command(args) -> int:
                           perturbation_um=args.perturbation_um, blank_fraction=args.blank_fraction)
         _estimator_settings(args)
         _perturbation_m(args)
-    except ValueError as exc:
+        check_scans(cfg)
+    except ValueError as exc:   # also a scan beyond the microscope's limits (LimitError) or a broken profile
         print(f"deepfocus bench: {exc}", file=sys.stderr)
         return EXIT_INPUT
     if args.probe_shapes:
@@ -377,7 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--specimens", nargs="*", default=[], help=SPECIMEN_HELP + " (one per trial in turn)")
     b.add_argument("--pixel-size-nm", type=float, default=10.0)
     b.add_argument("--frame-px", type=int, nargs=2, default=(1024, 768))
-    b.add_argument("--methods", default="deepfocus,mapfost,sweep")
+    b.add_argument("--methods", default="deepfocus,mapfost,sweep",
+                   help="comma-separated deepfocus, mapfost, sweep; NAME@25ns:20nm:512x384 takes that method's "
+                        "focus frames at its own dwell, pixel size and frame size (any of the three); a method may "
+                        "appear at several such operating points")
     b.add_argument("--trials", type=int, default=10)
     b.add_argument("--start-range-um", type=float, default=30.0)
     b.add_argument("--start-range-stig", type=float, default=6.0)

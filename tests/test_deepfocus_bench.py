@@ -41,3 +41,35 @@ def test_a_blank_fraction_makes_that_share_of_each_specimen_bare_ground(em_dir):
         BenchConfig(specimens=[path], blank_fraction=1.0)
     with pytest.raises(ValueError, match="needs specimen images"):
         BenchConfig(blank_fraction=0.5)
+
+
+def test_a_method_takes_its_focus_frames_at_its_own_operating_point(tmp_path):
+    """``NAME@DWELL:PIXEL:FRAME`` scans that method's focus frames so; the others keep the bench's scan. The dose
+    per frame follows I tau / (e p^2): half the dwell and twice the pixel size is an eighth of the dose."""
+    cfg = BenchConfig(methods=["sweep", "sweep@25ns:20nm:256x192"], trials=1, iterations=1, frame_px=(256, 192),
+                      dwell_ns=50.0, pixel_size_nm=10.0, start_range_um=5.0, start_range_stig=0.5)
+    res = run_bench(cfg, log=lambda s: None)["methods"]
+    assert set(res) == {"sweep", "sweep@25ns:20nm:256x192"}
+    own, bench = res["sweep@25ns:20nm:256x192"]["focus_scan"], res["sweep"]["focus_scan"]
+    assert (own["dwell_ns"], own["pixel_size_nm"], own["frame_px"]) == (25.0, 20.0, [256, 192])
+    assert (bench["dwell_ns"], bench["pixel_size_nm"], bench["frame_px"]) == (50.0, 10.0, [256, 192])
+    assert own["dose_per_frame_e_per_nm2"] == pytest.approx(bench["dose_per_frame_e_per_nm2"] / 8, rel=1e-6)
+
+
+@pytest.mark.parametrize("methods, message", [
+    (["deepfocus@12ms"], "cannot read '12ms'"),
+    (["focus"], "unknown method 'focus'"),
+    (["mapfost", "mapfost"], "listed twice"),
+])
+def test_a_malformed_method_entry_is_named(methods, message):
+    from deepfocus.bench import method_runs
+    with pytest.raises(ValueError, match=message):
+        method_runs(BenchConfig(methods=methods))
+
+
+def test_a_focus_scan_beyond_the_microscopes_limits_is_refused_before_any_trial(capsys):
+    from deepfocus.cli import EXIT_INPUT, main
+    assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus,mapfost@12.5ns", "--trials", "1"]) \
+        == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "mapfost@12.5ns" in err and "dwell time" in err and "outside the limits" in err

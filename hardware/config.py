@@ -189,7 +189,7 @@ class MicroscopeConfig:
     backend: str = "sim"
     seed: int = 0
     clock: str = "virtual"
-    specimen: Any = None                      # path of a TIFF/PNG stack; None: the embedded synthetic neuropil
+    specimen: Any = None                      # TIFF/PNG stack, or "gold-on-carbon"; None: synthetic neuropil
     specimen_pixel_size_nm: Any = None        # needed when the file does not record it
     optics: OpticsConfig = field(default_factory=OpticsConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)

@@ -20,6 +20,8 @@ import numpy as np
 
 from ..errors import ConfigError
 
+TARGETS = ("gold-on-carbon",)     # generated test specimens (see ``targets``), loaded by name
+
 
 @dataclass
 class Specimen:
@@ -103,7 +105,8 @@ def _normalise(stack: np.ndarray) -> np.ndarray:
 
 def load_specimen(path: str | Path, pixel_size_m: float | None = None,
                   slice_thickness_m: float | None = None) -> Specimen:
-    """Read a TIFF/OME-TIFF stack or a PNG/JPEG image as a specimen.
+    """Read a TIFF/OME-TIFF stack or a PNG/JPEG image as a specimen (or generate a named test target, see
+    ``targets``: ``"gold-on-carbon"``).
 
     The pixel size comes from the OME metadata when present; ``pixel_size_m``
     overrides it and is required for files that do not record one. ``stack.tif[27:32]``
@@ -111,13 +114,16 @@ def load_specimen(path: str | Path, pixel_size_m: float | None = None,
     training left out; grey values are normalised over the whole stack first, as training does.
     """
     p = Path(path)
+    if str(path) in TARGETS and not p.exists():
+        from .targets import gold_on_carbon
+        return gold_on_carbon(pixel_size_m=pixel_size_m or 4e-9)
     keep = None
     m = _SLICE_SUFFIX.fullmatch(str(path))
     if m and not p.is_file():
         p = Path(m.group(1))
         keep = slice(int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None)
     if not p.is_file():
-        raise ConfigError(f"specimen file {str(p)!r} does not exist")
+        raise ConfigError(f"specimen file {str(p)!r} does not exist (generated test targets: {', '.join(TARGETS)})")
     recorded = None
     try:
         if p.suffix.lower() in (".tif", ".tiff"):

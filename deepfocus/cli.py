@@ -198,6 +198,9 @@ def bench_command(args) -> int:
         _estimator_settings(args)
         _perturbation_m(args)
         check_scans(cfg)
+        if (args.probe_shapes or args.frame_artefacts or args.fidelity) and any("@" in m for m in cfg.methods):
+            raise ValueError("a method's own scan (NAME@...) is for closed-loop runs; single pairs take "
+                             "--dwell-ns, --pixel-size-nm and --frame-px")
     except ValueError as exc:   # also a scan beyond the microscope's limits (LimitError) or a broken profile
         print(f"deepfocus bench: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -73,3 +73,9 @@ def test_a_focus_scan_beyond_the_microscopes_limits_is_refused_before_any_trial(
         == EXIT_INPUT
     err = capsys.readouterr().err
     assert "mapfost@12.5ns" in err and "dwell time" in err and "outside the limits" in err
+
+
+def test_single_pair_modes_refuse_a_methods_own_scan(capsys):
+    from deepfocus.cli import EXIT_INPUT, main
+    assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus@20nm", "--fidelity", "2"]) == EXIT_INPUT
+    assert "closed-loop runs" in capsys.readouterr().err

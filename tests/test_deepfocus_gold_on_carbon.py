@@ -45,8 +45,8 @@ def test_the_shipped_model_focuses_on_gold_on_carbon():
     rng = np.random.default_rng(11)
     sp = load_specimen("gold-on-carbon")
     true, pred = [], []
-    for z in (-16.0, -9.0, -4.0, 3.0, 7.0, 12.0, 18.0):
-        scope = aberrated_scope(cfg, rng, sp, (abs(z), abs(z)), 1.0)
+    for z_um in (16.0, 9.0, 4.0, 3.0, 7.0, 12.0, 18.0):          # either side of focus, drawn per pair
+        scope = aberrated_scope(cfg, rng, sp, (z_um, z_um), 1.0)
         minus, plus = acquire_pair(scope.sem, 5e-6)
         c = est.estimate(minus.image, plus.image, 10e-9, 5e-6)
         assert c.status == "ok", c.extra

@@ -17,6 +17,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from .registration import BIN
+
 # the band: above every defocus blur the models are trained for (alpha up to 5.5 mrad x |wd| up to 40 um
 # is 0.22 um), below the frame size; measured on setup_a pairs the clean ratio stays within 1 % of 1
 BAND_SIGMA_UM = 0.6
@@ -40,12 +42,17 @@ def _surface_basis(h: int, w: int) -> np.ndarray:
 
 
 def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float]:
-    """(band std, frame mean) of one frame."""
-    h, w = (n // factor * factor for n in image.shape)
-    src = image if image.dtype in (np.uint8, np.uint16, np.float32) else image.astype(np.float32)
-    # block means first (INTER_AREA at a whole-number ratio, cv2's fast path): the band lies far below
-    # Nyquist, and blurring the full frame with a sigma of 60+ px would cost more than the network
-    small = cv2.resize(src[:h, :w], (w // factor, h // factor), interpolation=cv2.INTER_AREA).astype(np.float32)
+    """(band std, frame mean) of one frame, ``image`` already binned ``factor`` x ``factor`` or at full
+    resolution with ``factor`` still to apply."""
+    small = image
+    if factor > 1:
+        h, w = (n // factor * factor for n in image.shape)
+        src = image if image.dtype in (np.uint8, np.uint16, np.float32) else image.astype(np.float32)
+        # block means first (INTER_AREA at a whole-number ratio, cv2's fast path): the band lies far below
+        # Nyquist, and blurring the full frame with a sigma of 60+ px would cost more than the network
+        small = cv2.resize(np.ascontiguousarray(src[:h, :w]), (w // factor, h // factor),
+                           interpolation=cv2.INTER_AREA)
+    small = small.astype(np.float32, copy=False)
     mean = float(small.mean())
     # shading across the frame (charging, detector geometry) differs between frames without any optics in
     # it: a quadratic surface fitted and removed takes it out, where a wider Gaussian would leave it at the
@@ -62,15 +69,22 @@ def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float
     return float((lo - lo.mean(axis=1, keepdims=True)).std()), mean
 
 
-def contrast_ratio(minus: np.ndarray, plus: np.ndarray, pixel_size_m: float) -> ContrastRatio:
-    """Plus-over-minus contrast of a checked pair (same shape), from the micrometre band of both frames."""
+def contrast_ratio(minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
+                   binned: tuple[np.ndarray, np.ndarray] | None = None) -> ContrastRatio:
+    """Plus-over-minus contrast of a checked pair (same shape), from the micrometre band of both frames.
+    ``binned``: the frames binned ``registration.BIN`` x ``BIN`` (``registration.bin_frame``), when the caller
+    has them already; used where the band is coarse enough."""
     pixel_um = pixel_size_m * 1e6
     sigma_px = BAND_SIGMA_UM / pixel_um
     if min(minus.shape) < MIN_SIGMAS_PER_FRAME * sigma_px:
         return ContrastRatio(None, sigma_px)
     factor = max(1, int(sigma_px / 4))          # keeps about 4 px per inner sigma
-    s_minus, m_minus = _band(minus, pixel_um, factor)
-    s_plus, m_plus = _band(plus, pixel_um, factor)
+    frames = (minus, plus)
+    if binned is not None and factor >= BIN:
+        # the rest of the binning on the binned frames (a whole multiple of BIN, so still >= 4 px per sigma)
+        frames, pixel_um, factor = binned, pixel_um * BIN, factor // BIN
+    s_minus, m_minus = _band(frames[0], pixel_um, factor)
+    s_plus, m_plus = _band(frames[1], pixel_um, factor)
     if not (s_minus > 0 and s_plus > 0):
         return ContrastRatio(None, sigma_px)     # featureless: the structure test decides
     return ContrastRatio(s_plus / s_minus, sigma_px, m_minus, m_plus)

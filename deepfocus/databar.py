@@ -17,6 +17,7 @@ import numpy as np
 SAME_FRACTION = 0.5          # a row (column) whose pixels agree exactly in both frames this often is drawn
 MAX_BAND_FRACTION = 0.34     # a larger band is not a data bar: keep the frame and let the other checks judge
 STRIDE = 4
+CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -30,23 +31,34 @@ class ScannedRegion:
         return any(self.dropped_px)
 
 
-def _edge_run(same: np.ndarray, limit: int) -> int:
-    """Length of the run of True at the start of ``same``, or 0 when it exceeds ``limit``."""
-    n = int(np.argmin(same)) if not same.all() else same.size
+def _drawn_run(minus: np.ndarray, plus: np.ndarray, limit: int, from_end: bool) -> int:
+    """How many rows from the top (bottom: ``from_end``) of the frames are drawn; 0 when more than ``limit``."""
+    h, w = minus.shape
+    need = SAME_FRACTION * len(range(0, w, STRIDE))
+    n = 0
+    # CHUNK rows at a time from the edge inwards: a frame without a bar is decided by its first chunk, where
+    # comparing the whole frames cost as much as registering them
+    while n < h:
+        k = min(CHUNK, h - n)
+        rows = slice(h - n - k, h - n) if from_end else slice(n, n + k)
+        same = np.count_nonzero(minus[rows, ::STRIDE] == plus[rows, ::STRIDE], axis=1) >= need
+        if from_end:
+            same = same[::-1]
+        if not same.all():
+            n += int(np.argmin(same))
+            break
+        n += k
+        if n > limit:
+            break
     return n if n <= limit else 0
 
 
 def scanned_region(minus: np.ndarray, plus: np.ndarray) -> ScannedRegion:
     """Rows and columns of a checked pair that were scanned, not drawn."""
     h, w = minus.shape
-    # every STRIDE-th pixel along a row (column) tells the agreeing fraction well enough, at a fraction of the
-    # cost of comparing whole frames
-    rows = np.count_nonzero(minus[:, ::STRIDE] == plus[:, ::STRIDE], axis=1)
-    cols = np.count_nonzero(minus[::STRIDE] == plus[::STRIDE], axis=0)
-    row_same = rows >= SAME_FRACTION * len(range(0, w, STRIDE))
-    col_same = cols >= SAME_FRACTION * len(range(0, h, STRIDE))
-    top = _edge_run(row_same, int(h * MAX_BAND_FRACTION))
-    bottom = _edge_run(row_same[::-1], int(h * MAX_BAND_FRACTION))
-    left = _edge_run(col_same, int(w * MAX_BAND_FRACTION))
-    right = _edge_run(col_same[::-1], int(w * MAX_BAND_FRACTION))
+    # every STRIDE-th pixel along a row (column) tells the agreeing fraction well enough
+    top = _drawn_run(minus, plus, int(h * MAX_BAND_FRACTION), False)
+    bottom = _drawn_run(minus, plus, int(h * MAX_BAND_FRACTION), True)
+    left = _drawn_run(minus.T, plus.T, int(w * MAX_BAND_FRACTION), False)
+    right = _drawn_run(minus.T, plus.T, int(w * MAX_BAND_FRACTION), True)
     return ScannedRegion(slice(top, h - bottom), slice(left, w - right), (top, bottom, left, right))

@@ -26,7 +26,8 @@ from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
 from .line_offsets import remove_line_offsets_
-from .registration import MIN_FIELD_CORRELATION, common_field, field_correlation, measure_shift
+from .registration import (MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
+                           measure_shift)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
@@ -252,9 +253,12 @@ class DeepFocusEstimator(Estimator):
             a, b = a[region.rows, region.cols], b[region.rows, region.cols]
             self._check(a.shape, pixel_size_m, perturbation_m)
         s = self.settings
-        shift = measure_shift(a, b) if s.register else None
+        # each frame binned once for registration, the contrast measurement and the same-field check
+        binned = bin_frame(a), bin_frame(b)
+        shift = measure_shift(a, b, binned) if s.register else None
         if shift is not None and shift.any:
             a, b = common_field(a, b, shift)
+            binned = common_field(*binned, binned_shift(shift))
             self._check(a.shape, pixel_size_m, perturbation_m)
         d_ratio = d / self.perturbation_m          # answers come back d0 / d too small (see ``sampling``)
         model_px_nm, nbin = self.sampling(pixel_size_m, d, aperture_angle_mrad)
@@ -267,7 +271,7 @@ class DeepFocusEstimator(Estimator):
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
         offs = list(dict.fromkeys(patch_offsets(a.shape, src, s.n_patches, s.layout, s.seed)))
-        cr = contrast_ratio(a, b, pixel_size_m) if s.match_contrast else None
+        cr = contrast_ratio(a, b, pixel_size_m, binned) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
             maps = equalising_maps(cr.ratio, cr.mean_minus, cr.mean_plus, scale, off)
@@ -284,14 +288,15 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {need}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
-        if np.array_equal(a, b):
+        # the binned frames first: they differ wherever the frames do, and comparing them costs nothing
+        if np.array_equal(*binned) and np.array_equal(a, b):
             # two scans never agree pixel for pixel: the same frame was passed twice
             return self._uncertain("the two images are identical: pass the frame taken at wd - d and the one at "
                                    "wd + d", {"total": time.perf_counter() - t0},
                                    int(valid.sum()))
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
         if s.min_field_correlation > 0:
-            fc = field_correlation(a, b)
+            fc = field_correlation(a, b, binned)
             if math.isfinite(fc):
                 extra["field_correlation"] = round(fc, 3)
                 if fc < s.min_field_correlation:
@@ -440,8 +445,10 @@ class DeepFocusEstimator(Estimator):
 
     def _infer(self, x: torch.Tensor, valid: np.ndarray, model_px_nm: float, d_ratio: float) -> np.ndarray:
         """Per-patch (wd, ax, ay in um at the pair's perturbation; score) of the structured patches."""
+        # all patches valid (the usual case): no copy of the batch (half a millisecond for 8 patch pairs)
+        batch = x if valid.all() else x[torch.from_numpy(valid)]
         with torch.no_grad():
-            out = self.model(x[torch.from_numpy(valid)].to(self.device), model_px_nm).float().cpu()
+            out = self.model(batch.to(self.device), model_px_nm).float().cpu()
         pred = out.numpy().astype(np.float64)
         pred[:, :3] *= d_ratio
         return pred

@@ -8,16 +8,22 @@ layout serves every pixel size; bins beyond a frame's Nyquist limit are masked.
 Angles cover [0, pi) because power spectra of real images are point-symmetric and
 astigmatism is two-fold.
 """
-from __future__ import annotations
-
 import math
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
 
 
+# patch layouts (size, pixel size) the front end keeps built
+MAX_LAYOUTS = 8
+
+
 class SpectralFrontEnd(nn.Module):
     """(B, 2, H, W) pair scaled to [-1, 1] -> (B, 3, n_r, n_theta): log ratio, log power, mask."""
+
+    # an annotation TorchScript reads (this module does without postponed annotations for it)
+    _layouts: Dict[str, List[torch.Tensor]]
 
     def __init__(self, n_r: int = 20, n_theta: int = 12, k_min_rad_per_um: float = 5.0,
                  k_max_rad_per_um: float = 320.0):
@@ -26,6 +32,8 @@ class SpectralFrontEnd(nn.Module):
         self.n_theta = n_theta
         self.log_k_min = math.log(k_min_rad_per_um)
         self.log_k_max = math.log(k_max_rad_per_um)
+        self._layouts: Dict[str, List[torch.Tensor]] = {}
+        self.max_layouts = MAX_LAYOUTS
 
     def bin_index(self, h: int, w: int, pixel_size_nm: float, device: torch.device) -> torch.Tensor:
         p_um = pixel_size_nm * 1e-3
@@ -43,26 +51,43 @@ class SpectralFrontEnd(nn.Module):
         # one spare bin collects everything outside the map
         return torch.where(outside, torch.full_like(idx, self.n_r * self.n_theta), idx).reshape(-1)
 
+    def layout(self, h: int, w: int, pixel_size_nm: float, dtype: torch.dtype,
+               device: torch.device) -> List[torch.Tensor]:
+        """[window, bin index, per-bin norm, mask] for patches of h x w px at this pixel size, kept for the last
+        few layouts: the closed loop asks for the same one every time, and building it costs a tenth of the
+        model's time on a CPU."""
+        key = f"{h}x{w}@{pixel_size_nm}:{dtype}:{device}"
+        if key in self._layouts:
+            return self._layouts[key]
+        wy = torch.hann_window(h, periodic=False, dtype=dtype, device=device)
+        wx = torch.hann_window(w, periodic=False, dtype=dtype, device=device)
+        win = wy.unsqueeze(1) * wx.unsqueeze(0)
+        idx = self.bin_index(h, w, pixel_size_nm, device)
+        nb = self.n_r * self.n_theta + 1
+        counts = torch.zeros(nb, dtype=dtype, device=device)
+        counts.index_add_(0, idx, torch.ones_like(idx, dtype=dtype))
+        # the window's norm applied to the binned map, not to every frequency
+        norm = counts[:-1].clamp(min=1.0) * (win * win).sum()
+        mask = (counts[:-1] > 0).to(dtype)
+        if len(self._layouts) >= self.max_layouts:
+            # training passes a new pixel size with every sample
+            self._layouts.clear()
+        self._layouts[key] = [win, idx, norm, mask]
+        return self._layouts[key]
+
     def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
         b, c, h, w = x.shape
-        wy = torch.hann_window(h, periodic=False, dtype=x.dtype, device=x.device)
-        wx = torch.hann_window(w, periodic=False, dtype=x.dtype, device=x.device)
-        win = wy.unsqueeze(1) * wx.unsqueeze(0)
-        # in place on the one fresh copy, and the window's norm applied to the binned map, not to every
-        # frequency: on a CPU these full-size passes cost more than the FFT itself
+        win, idx, norm, mask = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
+        # in place on the one fresh copy: on a CPU these full-size passes cost more than the FFT itself
         x = x - x.mean(dim=(2, 3), keepdim=True)
         x.mul_(win)
         spec = torch.fft.rfft2(x)
         power = spec.real * spec.real + spec.imag * spec.imag
-        idx = self.bin_index(h, w, pixel_size_nm, x.device)
         nb = self.n_r * self.n_theta + 1
         flat = power.reshape(b * c, -1)
         sums = torch.zeros(b * c, nb, dtype=x.dtype, device=x.device)
         sums.index_add_(1, idx, flat)
-        counts = torch.zeros(nb, dtype=x.dtype, device=x.device)
-        counts.index_add_(0, idx, torch.ones_like(idx, dtype=x.dtype))
-        mean = sums[:, :-1] / (counts[:-1].clamp(min=1.0) * (win * win).sum())
-        mask = (counts[:-1] > 0).to(x.dtype)
+        mean = sums[:, :-1] / norm
         logp = torch.log(mean + 1e-12).reshape(b, c, self.n_r * self.n_theta)
         ratio = (logp[:, 1] - logp[:, 0]).clamp(-12.0, 12.0) * mask
         level = 0.5 * (logp[:, 0] + logp[:, 1])

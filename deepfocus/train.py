@@ -221,6 +221,9 @@ def freeze_all_but_last_three(model: torch.nn.Module) -> list[torch.nn.Parameter
 def export(model: SpectralNet, path: Path, meta: dict) -> None:
     model = model.eval()
     scripted = torch.jit.script(model)
+    if hasattr(scripted, "front") and hasattr(scripted.front, "_layouts"):
+        # the layouts the front end built while validating are rebuilt on first use, not shipped
+        scripted.front._layouts = {}
     tmp = path.with_suffix(".tmp")
     torch.jit.save(scripted, str(tmp), _extra_files={"meta.json": json.dumps(meta)})
     tmp.rename(path)

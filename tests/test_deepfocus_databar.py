@@ -60,3 +60,13 @@ def test_the_same_frame_twice_is_uncertain_not_a_move(scope_and_pair):
     c = load_estimator_for(scope.config).estimate(minus, minus.copy(), 10e-9)
     assert c.status == "uncertain" and (c.wd_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0)
     assert "identical" in c.extra["reason"]
+
+
+def test_bars_at_every_edge_are_found(scope_and_pair):
+    """Software that draws its bar at the top or down a side: the edges are searched inwards one by one."""
+    _, minus, plus = scope_and_pair
+    a, b = minus.copy(), plus.copy()
+    a[:24] = b[:24] = 0                         # a title bar
+    a[:, -50:] = b[:, -50:] = 255               # a side panel
+    a[:, :3] = b[:, :3] = 0                     # a thin frame line
+    assert scanned_region(a, b).dropped_px == (24, 0, 3, 50)

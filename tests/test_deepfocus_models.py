@@ -107,3 +107,28 @@ def test_recalibration_trains_only_the_last_three_layers(arch):
     keep = freeze_all_but_last_three(model)
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc1", "fc2", "fc3"} and len(keep) == 6
+
+
+def test_front_end_keeps_a_few_layouts_and_export_ships_none(tmp_path):
+    """The front end keeps the frequency layout of the last few (patch size, pixel size) it saw, so the closed loop
+    does not rebuild it every correction; a kept layout never answers for another pixel size, training's endless
+    pixel sizes do not grow memory, and an exported model carries none."""
+    from deepfocus.features import MAX_LAYOUTS
+    torch.manual_seed(0)
+    model = SpectralNet().eval()
+    x = torch.randn(2, 2, 128, 128)
+    with torch.no_grad():
+        at_10 = model(x, 10.0)
+        at_7 = model(x, 7.0)
+        assert not torch.equal(at_10, at_7)
+        assert torch.equal(model(x, 10.0), at_10)
+        for i in range(3 * MAX_LAYOUTS):
+            model(x, 5.0 + i)
+        assert 0 < len(model.front._layouts) <= MAX_LAYOUTS
+        assert torch.equal(SpectralNet().eval().front(x, 7.0), model.front(x, 7.0))
+    path = tmp_path / "m.pt"
+    export(model, path, {"arch": "spectral"})
+    loaded = torch.jit.load(str(path))
+    assert len(loaded.front._layouts) == 0
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 10.0), at_10)

@@ -118,3 +118,21 @@ def test_field_correlation_of_a_genuine_pair_far_from_focus_is_high():
     assert field_correlation(minus, plus) > 0.9
     assert field_correlation(minus[:, :700], plus[:, 300:1000]) < 0.3
     assert np.isnan(field_correlation(minus[:64, :64], plus[:64, :64]))     # too small to tell
+
+
+def test_binned_frames_passed_in_give_the_same_answers_and_are_left_unchanged(near):
+    """The estimator bins each frame once and hands the binned frames to registration, the same-field check and
+    the contrast measurement; registration must not leave them windowed (OpenCV's phase correlation multiplies
+    its inputs by the window in place)."""
+    from deepfocus.contrast import contrast_ratio
+    from deepfocus.registration import bin_frame
+    minus, plus = shift_pair(*near, 24)
+    binned = bin_frame(minus), bin_frame(plus)
+    kept = binned[0].copy(), binned[1].copy()
+    assert measure_shift(minus, plus, binned) == measure_shift(minus, plus)
+    np.testing.assert_array_equal(binned[0], kept[0])
+    np.testing.assert_array_equal(binned[1], kept[1])
+    assert field_correlation(minus, plus, binned) == pytest.approx(field_correlation(minus, plus), abs=1e-6)
+    full, shared = contrast_ratio(minus, plus, 10e-9), contrast_ratio(minus, plus, 10e-9, binned)
+    assert shared.ratio == pytest.approx(full.ratio, abs=0.01)
+    assert shared.mean_plus == pytest.approx(full.mean_plus, rel=1e-3)

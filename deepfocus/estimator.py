@@ -140,6 +140,9 @@ class EstimatorSettings:
     min_field_correlation: float = MIN_FIELD_CORRELATION
     remove_line_offsets: bool = True     # per-line brightness offsets out of the patches (deepfocus.line_offsets)
     bin_fine_pixels: bool = True         # pixels finer than the model saw in training: bin them into its range
+    # each patch pair also answered mirrored left to right and the two answers averaged, where the model can
+    # (spectral models exported since; see models/README.md, "Mirror averaging")
+    mirror_average: bool = True
 
 
 class DeepFocusEstimator(Estimator):
@@ -181,7 +184,13 @@ class DeepFocusEstimator(Estimator):
         x[:, :, ::7, ::5] = 1.0
         with torch.no_grad():
             for _ in range(3):
-                self.model(x, 10.0)
+                self._forward()(x, 10.0)
+
+    def _forward(self):
+        """The model's answer for a batch of patch pairs: mirror-averaged where the model has it."""
+        if self.settings.mirror_average and hasattr(self.model, "forward_mirror_averaged"):
+            return self.model.forward_mirror_averaged
+        return self.model
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -448,7 +457,7 @@ class DeepFocusEstimator(Estimator):
         # all patches valid (the usual case): no copy of the batch (half a millisecond for 8 patch pairs)
         batch = x if valid.all() else x[torch.from_numpy(valid)]
         with torch.no_grad():
-            out = self.model(batch.to(self.device), model_px_nm).float().cpu()
+            out = self._forward()(batch.to(self.device), model_px_nm).float().cpu()
         pred = out.numpy().astype(np.float64)
         pred[:, :3] *= d_ratio
         return pred

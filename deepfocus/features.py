@@ -9,10 +9,11 @@ Angles cover [0, pi) because power spectra of real images are point-symmetric an
 astigmatism is two-fold.
 """
 import math
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 # patch layouts (size, pixel size) the front end keeps built
@@ -53,9 +54,9 @@ class SpectralFrontEnd(nn.Module):
 
     def layout(self, h: int, w: int, pixel_size_nm: float, dtype: torch.dtype,
                device: torch.device) -> List[torch.Tensor]:
-        """[window, bin index, per-bin norm, mask] for patches of h x w px at this pixel size, kept for the last
-        few layouts: the closed loop asks for the same one every time, and building it costs a tenth of the
-        model's time on a CPU."""
+        """[window, bin index, per-bin norm, mask, class index, class -> bin, class -> mirrored bin] for patches of
+        h x w px at this pixel size, kept for the last few layouts: the closed loop asks for the same one every
+        time, and building it costs a tenth of the model's time on a CPU."""
         key = f"{h}x{w}@{pixel_size_nm}:{dtype}:{device}"
         if key in self._layouts:
             return self._layouts[key]
@@ -69,24 +70,32 @@ class SpectralFrontEnd(nn.Module):
         # the window's norm applied to the binned map, not to every frequency
         norm = counts[:-1].clamp(min=1.0) * (win * win).sum()
         mask = (counts[:-1] > 0).to(dtype)
+        # Mirrored left to right a patch's power spectrum is P(kx, -ky): a permutation of the rows of the rfft
+        # layout, so each frequency also has a bin "once mirrored". Frequencies grouped by the pair (bin, mirrored
+        # bin) give both maps from one pass over the spectrum (a second transform would cost as much as the first;
+        # permuting angular bins instead is not exact on the axes).
+        idx_m = idx.reshape(h, -1)[torch.remainder(-torch.arange(h, device=device), h)].reshape(-1)
+        pairs, cls = torch.unique(idx * nb + idx_m, return_inverse=True)
+        to_bins = F.one_hot(torch.div(pairs, nb, rounding_mode="floor"), nb).to(dtype)
+        to_mirrored = F.one_hot(torch.remainder(pairs, nb), nb).to(dtype)
         if len(self._layouts) >= self.max_layouts:
             # training passes a new pixel size with every sample
             self._layouts.clear()
-        self._layouts[key] = [win, idx, norm, mask]
+        self._layouts[key] = [win, idx, norm, mask, cls, to_bins, to_mirrored]
         return self._layouts[key]
 
-    def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+    def _power(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+        """(B * C, H * (W // 2 + 1)) windowed power spectra."""
         b, c, h, w = x.shape
-        win, idx, norm, mask = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
         # in place on the one fresh copy: on a CPU these full-size passes cost more than the FFT itself
         x = x - x.mean(dim=(2, 3), keepdim=True)
         x.mul_(win)
         spec = torch.fft.rfft2(x)
         power = spec.real * spec.real + spec.imag * spec.imag
-        nb = self.n_r * self.n_theta + 1
-        flat = power.reshape(b * c, -1)
-        sums = torch.zeros(b * c, nb, dtype=x.dtype, device=x.device)
-        sums.index_add_(1, idx, flat)
+        return power.reshape(b * c, -1)
+
+    def _map(self, sums: torch.Tensor, norm: torch.Tensor, mask: torch.Tensor, b: int, c: int) -> torch.Tensor:
+        """Per-bin power sums (B * C, bins + 1) -> the (B, 3, n_r, n_theta) map."""
         mean = sums[:, :-1] / norm
         logp = torch.log(mean + 1e-12).reshape(b, c, self.n_r * self.n_theta)
         ratio = (logp[:, 1] - logp[:, 0]).clamp(-12.0, 12.0) * mask
@@ -97,6 +106,25 @@ class SpectralFrontEnd(nn.Module):
         m = mask.unsqueeze(0).expand(b, mask.shape[0])
         out = torch.stack([ratio, 0.25 * level, m], dim=1)
         return out.reshape(b, 3, self.n_r, self.n_theta)
+
+    def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        b, c, h, w = x.shape
+        lay = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
+        flat = self._power(x, lay[0])
+        sums = torch.zeros(b * c, self.n_r * self.n_theta + 1, dtype=x.dtype, device=x.device)
+        sums.index_add_(1, lay[1], flat)
+        return self._map(sums, lay[2], lay[3], b, c)
+
+    @torch.jit.export
+    def forward_mirrored(self, x: torch.Tensor, pixel_size_nm: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The maps of the pairs and of the same pairs mirrored left to right, from one transform."""
+        b, c, h, w = x.shape
+        lay = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
+        flat = self._power(x, lay[0])
+        groups = torch.zeros(b * c, lay[5].shape[0], dtype=x.dtype, device=x.device)
+        groups.index_add_(1, lay[4], flat)
+        return (self._map(groups @ lay[5], lay[2], lay[3], b, c),
+                self._map(groups @ lay[6], lay[2], lay[3], b, c))
 
 
 _BANDS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

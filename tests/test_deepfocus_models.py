@@ -132,3 +132,17 @@ def test_front_end_keeps_a_few_layouts_and_export_ships_none(tmp_path):
     assert len(loaded.front._layouts) == 0
     with torch.no_grad():
         assert torch.equal(loaded(x, 10.0), at_10)
+
+
+def test_mirror_averaged_answer_is_the_mean_of_the_pair_and_its_mirror_image():
+    """One transform gives both maps; the mirrored pair's diagonal astigmatism counts with the opposite sign."""
+    torch.manual_seed(1)
+    model = torch.jit.script(SpectralNet().eval())
+    x = torch.randn(3, 2, 192, 256)
+    with torch.no_grad():
+        feat, mirrored = model.front.forward_mirrored(x, 8.0)
+        assert torch.allclose(feat, model.front(x, 8.0), atol=1e-4)
+        assert torch.allclose(mirrored, model.front(x.flip(-1), 8.0), atol=1e-4)
+        assert not torch.allclose(mirrored, feat, atol=1e-2)
+        expected = 0.5 * (model(x, 8.0) + model(x.flip(-1), 8.0) * torch.tensor([1.0, 1.0, -1.0, 1.0]))
+        assert torch.allclose(model.forward_mirror_averaged(x, 8.0), expected, atol=1e-4)

@@ -44,7 +44,7 @@ class CalibrationSettings:
     stig_offsets: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)     # units, along x then along y
     perturbation_m: float | None = None                           # the estimator's own when None
     min_points: int = 5                                           # per fit, after refusals
-    max_rounds: int = 4                                           # wd series, each with an updated angle
+    max_rounds: int = 5                                           # wd series, each with an updated angle
     scale_tolerance: float = 0.03                                 # |s - 1| that ends the search
 
 

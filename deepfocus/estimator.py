@@ -297,7 +297,7 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {need}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
-        # the binned frames first: they differ wherever the frames do, and comparing them costs nothing
+        # the binned copies first: where they differ the frames do too, and comparing them costs nothing
         if np.array_equal(*binned) and np.array_equal(a, b):
             # two scans never agree pixel for pixel: the same frame was passed twice
             return self._uncertain("the two images are identical: pass the frame taken at wd - d and the one at "

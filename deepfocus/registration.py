@@ -65,7 +65,7 @@ def bin_frame(image: np.ndarray) -> np.ndarray:
     import cv2
     h, w = image.shape[0] // BIN * BIN, image.shape[1] // BIN * BIN
     # 16-bit and float32 frames are binned as they are (the bin mean of a 16-bit frame rounded to 1 of 65535);
-    # 8-bit frames as float32, since 1 of 255 is coarse beside a dim frame's contrast
+    # other types as float32 (rounding an 8-bit bin mean to 1 of 255 is coarse beside a dim frame's contrast)
     src = image[:h, :w]
     if src.dtype not in (np.uint16, np.float32):
         src = src.astype(np.float32)

@@ -23,7 +23,7 @@ MAX_LAYOUTS = 8
 class SpectralFrontEnd(nn.Module):
     """(B, 2, H, W) pair scaled to [-1, 1] -> (B, 3, n_r, n_theta): log ratio, log power, mask."""
 
-    # an annotation TorchScript reads (this module does without postponed annotations for it)
+    # the type TorchScript reads for the kept layouts (this module does without postponed annotations for it)
     _layouts: Dict[str, List[torch.Tensor]]
 
     def __init__(self, n_r: int = 20, n_theta: int = 12, k_min_rad_per_um: float = 5.0,
@@ -33,7 +33,7 @@ class SpectralFrontEnd(nn.Module):
         self.n_theta = n_theta
         self.log_k_min = math.log(k_min_rad_per_um)
         self.log_k_max = math.log(k_max_rad_per_um)
-        self._layouts: Dict[str, List[torch.Tensor]] = {}
+        self._layouts = {}
         self.max_layouts = MAX_LAYOUTS
 
     def bin_index(self, h: int, w: int, pixel_size_nm: float, device: torch.device) -> torch.Tensor:
@@ -54,9 +54,9 @@ class SpectralFrontEnd(nn.Module):
 
     def layout(self, h: int, w: int, pixel_size_nm: float, dtype: torch.dtype,
                device: torch.device) -> List[torch.Tensor]:
-        """[window, bin index, per-bin norm, mask, class index, class -> bin, class -> mirrored bin] for patches of
-        h x w px at this pixel size, kept for the last few layouts: the closed loop asks for the same one every
-        time, and building it costs a tenth of the model's time on a CPU."""
+        """[window, bin index, per-bin norm, mask] for patches of h x w px at this pixel size, kept for the last
+        few layouts: the closed loop asks for the same one every time, and building it costs a tenth of the
+        model's time on a CPU."""
         key = f"{h}x{w}@{pixel_size_nm}:{dtype}:{device}"
         if key in self._layouts:
             return self._layouts[key]
@@ -70,19 +70,33 @@ class SpectralFrontEnd(nn.Module):
         # the window's norm applied to the binned map, not to every frequency
         norm = counts[:-1].clamp(min=1.0) * (win * win).sum()
         mask = (counts[:-1] > 0).to(dtype)
-        # Mirrored left to right a patch's power spectrum is P(kx, -ky): a permutation of the rows of the rfft
-        # layout, so each frequency also has a bin "once mirrored". Frequencies grouped by the pair (bin, mirrored
-        # bin) give both maps from one pass over the spectrum (a second transform would cost as much as the first;
-        # permuting angular bins instead is not exact on the axes).
+        return self._keep(key, [win, idx, norm, mask])
+
+    def mirror_groups(self, h: int, w: int, pixel_size_nm: float, dtype: torch.dtype,
+                      device: torch.device) -> List[torch.Tensor]:
+        """[group index, group -> bin, group -> mirrored bin] for ``forward_mirrored``, kept as ``layout`` is.
+
+        Mirrored left to right a patch's power spectrum is P(kx, -ky): a permutation of the rows of the rfft
+        layout, so each frequency also has a bin "once mirrored". Frequencies grouped by the pair (bin, mirrored
+        bin) give both maps from one pass over the spectrum (a second transform would cost as much as the first;
+        permuting angular bins instead is not exact on the axes)."""
+        key = f"{h}x{w}@{pixel_size_nm}:{dtype}:{device}:mirror"
+        if key in self._layouts:
+            return self._layouts[key]
+        idx = self.layout(h, w, pixel_size_nm, dtype, device)[1]
+        nb = self.n_r * self.n_theta + 1
         idx_m = idx.reshape(h, -1)[torch.remainder(-torch.arange(h, device=device), h)].reshape(-1)
-        pairs, cls = torch.unique(idx * nb + idx_m, return_inverse=True)
+        pairs, groups = torch.unique(idx * nb + idx_m, return_inverse=True)
         to_bins = F.one_hot(torch.div(pairs, nb, rounding_mode="floor"), nb).to(dtype)
         to_mirrored = F.one_hot(torch.remainder(pairs, nb), nb).to(dtype)
+        return self._keep(key, [groups, to_bins, to_mirrored])
+
+    def _keep(self, key: str, value: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(self._layouts) >= self.max_layouts:
             # training passes a new pixel size with every sample
             self._layouts.clear()
-        self._layouts[key] = [win, idx, norm, mask, cls, to_bins, to_mirrored]
-        return self._layouts[key]
+        self._layouts[key] = value
+        return value
 
     def _power(self, x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
         """(B * C, H * (W // 2 + 1)) windowed power spectra."""
@@ -109,22 +123,20 @@ class SpectralFrontEnd(nn.Module):
 
     def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
         b, c, h, w = x.shape
-        lay = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
-        flat = self._power(x, lay[0])
+        win, idx, norm, mask = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
         sums = torch.zeros(b * c, self.n_r * self.n_theta + 1, dtype=x.dtype, device=x.device)
-        sums.index_add_(1, lay[1], flat)
-        return self._map(sums, lay[2], lay[3], b, c)
+        sums.index_add_(1, idx, self._power(x, win))
+        return self._map(sums, norm, mask, b, c)
 
     @torch.jit.export
     def forward_mirrored(self, x: torch.Tensor, pixel_size_nm: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """The maps of the pairs and of the same pairs mirrored left to right, from one transform."""
         b, c, h, w = x.shape
-        lay = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
-        flat = self._power(x, lay[0])
-        groups = torch.zeros(b * c, lay[5].shape[0], dtype=x.dtype, device=x.device)
-        groups.index_add_(1, lay[4], flat)
-        return (self._map(groups @ lay[5], lay[2], lay[3], b, c),
-                self._map(groups @ lay[6], lay[2], lay[3], b, c))
+        win, idx, norm, mask = self.layout(h, w, pixel_size_nm, x.dtype, x.device)
+        groups, to_bins, to_mirrored = self.mirror_groups(h, w, pixel_size_nm, x.dtype, x.device)
+        sums = torch.zeros(b * c, to_bins.shape[0], dtype=x.dtype, device=x.device)
+        sums.index_add_(1, groups, self._power(x, win))
+        return self._map(sums @ to_bins, norm, mask, b, c), self._map(sums @ to_mirrored, norm, mask, b, c)
 
 
 _BANDS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}

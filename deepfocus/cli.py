@@ -37,8 +37,11 @@ def _estimator_from_args(args):
 
 
 def _estimator_settings(args):
+    return estimator_settings(getattr(args, "patches", None))
+
+
+def estimator_settings(n: int | None):
     """``--patches N``: more patch pairs, more single-shot precision, proportionally more compute."""
-    n = getattr(args, "patches", None)
     if n is None:
         return None
     if n < 3:

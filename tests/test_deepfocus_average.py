@@ -1,7 +1,6 @@
 """``deepfocus average``: snapshots of one run averaged into one model that the estimator opens."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -161,3 +161,8 @@ def test_ping_exits_nonzero_with_clear_message_when_nobody_answers(tmp_path):
 def test_serve_refuses_open_address_without_keys():
     out = run_cli("serve", "--bind", "tcp://0.0.0.0:0", "--device", "cpu")
     assert out.returncode == 4 and "requires CURVE keys" in out.stderr
+
+
+def test_serve_refuses_a_patch_count_below_three():
+    out = run_cli("serve", "--bind", "tcp://127.0.0.1:0", "--device", "cpu", "--patches", "2")
+    assert out.returncode == 4 and "--patches must be at least 3" in out.stderr

@@ -76,8 +76,8 @@ def test_the_default_model_is_aperture_normalised():
 
 
 def test_daemon_loader_calibrates_models_for_its_microscope(echo_model_file):
-    from deepfocus.service.cli import calibrated_loader
-    est = calibrated_loader("setup_b", ["calibration.aperture_angle_mrad=2.5"])(echo_model_file, "cpu")
+    from deepfocus.service.cli import daemon_model_loader
+    est = daemon_model_loader("setup_b", ["calibration.aperture_angle_mrad=2.5"])(echo_model_file, "cpu")
     assert isinstance(est, DeepFocusEstimator) and est.aperture_angle_mrad == 2.5
     cal = load_profile("setup_b").calibration
     # setup_b's scan is rotated 90 degrees: its calibration folds that in
@@ -86,20 +86,20 @@ def test_daemon_loader_calibrates_models_for_its_microscope(echo_model_file):
 
 
 def test_daemon_loader_gives_its_models_the_patch_count_it_was_started_with(echo_model_file):
-    from deepfocus.service.cli import calibrated_loader
-    est = calibrated_loader(None, [], patches=12)(echo_model_file, "cpu")
+    from deepfocus.service.cli import daemon_model_loader
+    est = daemon_model_loader(None, [], patches=12)(echo_model_file, "cpu")
     assert est.settings.n_patches == 12 and est.aperture_angle_mrad is None
     # every patch pair of a 512 x 512 frame is cut from its own place: 12 answers
     assert est.estimate(*textured_pair(512), 10e-9, 5e-6).n_patches == 12
-    both = calibrated_loader("setup_b", [], patches=12)(echo_model_file, "cpu")
+    both = daemon_model_loader("setup_b", [], patches=12)(echo_model_file, "cpu")
     assert both.settings.n_patches == 12
     assert both.aperture_angle_mrad == load_profile("setup_b").calibration.aperture_angle_mrad
-    assert calibrated_loader("setup_b", [])(echo_model_file, "cpu").settings.n_patches == 8
+    assert daemon_model_loader("setup_b", [])(echo_model_file, "cpu").settings.n_patches == 8
 
 
 def test_daemon_loader_refuses_a_bad_patch_count_or_overrides_without_a_profile():
-    from deepfocus.service.cli import calibrated_loader
+    from deepfocus.service.cli import daemon_model_loader
     with pytest.raises(ValueError, match="--patches must be at least 3"):
-        calibrated_loader(None, [], patches=2)
+        daemon_model_loader(None, [], patches=2)
     with pytest.raises(ValueError, match="--set needs --profile"):
-        calibrated_loader(None, ["calibration.aperture_angle_mrad=3"])
+        daemon_model_loader(None, ["calibration.aperture_angle_mrad=3"])

@@ -51,7 +51,7 @@ def register_service_commands(subparsers: Any) -> None:
                    help="override a dotted key of --profile (repeatable)")
     s.add_argument("--patches", type=int, default=None, metavar="N",
                    help="patch pairs per estimate for the model files it loads (default 8); 12 covers a "
-                        "1024 x 768 frame: more precise, most of all at low dose, about 40 %% more compute")
+                        "1024 x 768 frame: more precise, most of all at low dose, 30-40 %% more compute")
     s.add_argument("--queue-size", type=int, default=64, help="requests queued before 'busy'")
     s.add_argument("--max-side-px", type=int, default=8192, help="largest image side accepted")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -128,7 +128,7 @@ def _shipped_model(models_dir: Path | None) -> tuple[Path | None, str | None]:
     return models_dir, (default.name if default.is_file() else None)
 
 
-def calibrated_loader(profile: str | None, overrides: list[str], patches: int | None = None):
+def daemon_model_loader(profile: str | None, overrides: list[str], patches: int | None = None):
     """A model loader for the one microscope a daemon serves: every model calibrated for it (``profile``) and
     answering from ``patches`` patch pairs; either may be None (uncalibrated, the estimator's default)."""
     from ..cli import estimator_settings
@@ -172,7 +172,7 @@ def serve_command(args: argparse.Namespace) -> int:
                               limits=Limits(max_side_px=args.max_side_px))
         extra = {}
         if args.profile or args.set or args.patches is not None:
-            extra["loader"] = calibrated_loader(args.profile, args.set, args.patches)
+            extra["loader"] = daemon_model_loader(args.profile, args.set, args.patches)
         server = Server(config, estimator=estimator,
                         estimator_name=(args.estimator or "builtin").rpartition(":")[2], **extra)
     except (ServiceConfigError, ValueError, ImportError, AttributeError, OSError) as exc:

@@ -28,6 +28,8 @@ from hardware.sim.specimen import Specimen, load_specimen
 from .autofocus import AutofocusSettings, autofocus
 from .calibration import StigCalibration
 
+START_MODES = ("uniform", "corners")
+
 
 @dataclass
 class BenchConfig:
@@ -43,6 +45,9 @@ class BenchConfig:
     frame_px: tuple[int, int] = (1024, 768)
     start_range_um: float = 30.0
     start_range_stig: float = 6.0
+    # "uniform": each start drawn within +-the ranges; "corners": at the ranges' corners, the 8 sign combinations
+    # in turn (the thesis' convergence runs start at (30 um, +6, -6): the hardest starts the range allows)
+    starts: str = "uniform"
     margin_wd_um: float = 1.0
     margin_stig: float = 0.25
     seed: int = 0
@@ -55,6 +60,16 @@ class BenchConfig:
             raise ValueError(f"blank fraction must be at least 0 and below 1, got {self.blank_fraction:g}")
         if self.blank_fraction and not self.specimens:
             raise ValueError("a blank fraction needs specimen images (--specimens PATH)")
+        if self.starts not in START_MODES:
+            raise ValueError(f"unknown start mode {self.starts!r}; known: {', '.join(START_MODES)}")
+
+
+def corner_start(trial: int, range_um: float, range_stig: float) -> tuple[float, np.ndarray]:
+    """Trial ``trial``'s start at a corner of the ranges: (+wd, +x, -y) first, as the thesis starts, then the other
+    sign combinations in turn."""
+    k = trial % 8
+    sw, sx, sy = (-1 if k & 4 else 1), (-1 if k & 2 else 1), (1 if k & 1 else -1)
+    return sw * range_um, np.array([sx * range_stig, sy * range_stig])
 
 
 def specimens(cfg: BenchConfig) -> list:
@@ -168,6 +183,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         seed = int(rng.integers(1, 2**31))
         z = rng.uniform(-1, 1) * cfg.start_range_um
         ds = rng.uniform(-1, 1, 2) * cfg.start_range_stig
+        if cfg.starts == "corners":
+            # drawn above all the same, so that a corners run keeps the uniform run's microscopes and fields
+            z, ds = corner_start(t, cfg.start_range_um, cfg.start_range_stig)
         off = rng.uniform(-2e-4, 2e-4, 2)
         for run in runs:
             name, scan = run.label, run.scan

@@ -195,6 +195,7 @@ def bench_command(args) -> int:
                           methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
                           trials=args.trials, iterations=args.iterations, dwell_ns=args.dwell_ns,
                           start_range_um=args.start_range_um, start_range_stig=args.start_range_stig,
+                          starts=args.starts,
                           margin_wd_um=args.margin_wd_um, margin_stig=args.margin_stig, seed=args.seed,
                           n_patches=args.patches, pixel_size_nm=args.pixel_size_nm, frame_px=tuple(args.frame_px),
                           perturbation_um=args.perturbation_um, blank_fraction=args.blank_fraction)
@@ -391,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--trials", type=int, default=10)
     b.add_argument("--start-range-um", type=float, default=30.0)
     b.add_argument("--start-range-stig", type=float, default=6.0)
+    b.add_argument("--starts", choices=("uniform", "corners"), default="uniform",
+                   help="uniform: each trial starts within +-the ranges; corners: at the ranges' corners, the 8 sign "
+                        "combinations in turn from (+wd, +x, -y) (the thesis' convergence start)")
     b.add_argument("--margin-wd-um", type=float, default=1.0)
     b.add_argument("--margin-stig", type=float, default=0.25)
     b.add_argument("--seed", type=int, default=0)

@@ -79,3 +79,21 @@ def test_single_pair_modes_refuse_a_methods_own_scan(capsys):
     from deepfocus.cli import EXIT_INPUT, main
     assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus@20nm", "--fidelity", "2"]) == EXIT_INPUT
     assert "closed-loop runs" in capsys.readouterr().err
+
+
+def test_corner_starts_put_every_trial_at_the_ranges_corners_in_turn():
+    """The thesis' hardest start first, (+wd, +x, -y), then each other sign combination; the rest of a trial
+    (microscope seed, field) stays that of the uniform run."""
+    from deepfocus.bench import corner_start
+    seen = [(z, *ds) for z, ds in (corner_start(t, 30.0, 6.0) for t in range(8))]
+    assert seen[0] == (30.0, 6.0, -6.0)
+    assert len(set(seen)) == 8 and all(abs(z) == 30.0 and abs(x) == 6.0 == abs(y) for z, x, y in seen)
+    assert corner_start(8, 30.0, 6.0)[0] == 30.0 and list(corner_start(8, 30.0, 6.0)[1]) == [6.0, -6.0]
+    cfg = BenchConfig(methods=["deepfocus"], trials=2, iterations=1, frame_px=(512, 512),
+                      start_range_um=8.0, start_range_stig=1.0, starts="corners")
+    start = run_bench(cfg, log=lambda s: None)["methods"]["deepfocus"]["iterations"][0]
+    # the lens does not land exactly where it was set (hysteresis), the stigmators do
+    assert start["mae_wd_um"] == pytest.approx(8.0, abs=0.3)
+    assert start["mae_stig"] == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="unknown start mode 'corner'"):
+        BenchConfig(starts="corner")

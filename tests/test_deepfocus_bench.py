@@ -27,6 +27,28 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
         # one correction from a moderate start must reduce the defocus
         assert m["iterations"][1]["mae_wd_um"] < m["iterations"][0]["mae_wd_um"]
     assert Path(out.with_suffix(".png")).stat().st_size > 1000
+    # the targets are ratios to MAPFoSt: the run states them
+    m = data["methods"]
+    assert data["ratios_to_mapfost"]["deepfocus"]["compute"] == pytest.approx(
+        m["deepfocus"]["compute_s_median"] / m["mapfost"]["compute_s_median"])
+
+
+def test_ratios_to_mapfost_are_nan_where_a_method_never_reached_the_margin():
+    import math
+    from deepfocus.bench import ratios_to, summary
+    res = {"mapfost": {"compute_s_median": 0.1, "time_to_focus_s_median": 1.0, "dose_to_focus_e_per_nm2_median": 20.0},
+           "deepfocus": {"compute_s_median": 0.02, "time_to_focus_s_median": 0.3,
+                         "dose_to_focus_e_per_nm2_median": 10.0},
+           "sweep": {"compute_s_median": 0.1, "time_to_focus_s_median": float("nan"),
+                     "dose_to_focus_e_per_nm2_median": float("nan")}}
+    q = ratios_to(res, "mapfost")
+    assert set(q) == {"deepfocus", "sweep"}
+    assert q["deepfocus"] == pytest.approx({"compute": 0.2, "time_to_focus": 0.3, "dose_to_focus": 0.5})
+    assert q["sweep"]["compute"] == pytest.approx(1.0) and math.isnan(q["sweep"]["time_to_focus"])
+    for r in res.values():
+        r.update(iterations=[{"within_margin": 0.0}, {"within_margin": 0.5}], failed=0)
+    lines = summary({"methods": res, "ratios_to_mapfost": q})
+    assert "deepfocus / mapfost: compute 0.20, time to focus 0.30, dose to focus 0.50" in lines
 
 
 def test_a_blank_fraction_makes_that_share_of_each_specimen_bare_ground(em_dir):

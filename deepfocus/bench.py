@@ -260,8 +260,8 @@ RATIO_KEYS = (("compute", "compute_s_median"), ("time_to_focus", "time_to_focus_
 
 
 def ratios_to(results: dict, ref: str) -> dict:
-    """Each other method's medians over ``ref``'s (the issue's targets are such ratios); NaN where either
-    median is missing (a method that never reached the margin has no time to focus)."""
+    """Each other method's medians over ``ref``'s (the comparison with MAPFoSt is stated in such ratios); NaN where
+    either median is missing (a method that never reached the margin has no time to focus)."""
     def ratio(a: float, b: float) -> float:
         return a / b if math.isfinite(a) and math.isfinite(b) and b > 0 else float("nan")
     return {name: {k: ratio(r[key], results[ref][key]) for k, key in RATIO_KEYS}

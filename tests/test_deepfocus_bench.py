@@ -27,7 +27,7 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
         # one correction from a moderate start must reduce the defocus
         assert m["iterations"][1]["mae_wd_um"] < m["iterations"][0]["mae_wd_um"]
     assert Path(out.with_suffix(".png")).stat().st_size > 1000
-    # the targets are ratios to MAPFoSt: the run states them
+    # the comparison with MAPFoSt is stated as ratios of medians: the run writes them
     m = data["methods"]
     assert data["ratios_to_mapfost"]["deepfocus"]["compute"] == pytest.approx(
         m["deepfocus"]["compute_s_median"] / m["mapfost"]["compute_s_median"])

@@ -119,3 +119,24 @@ def test_corner_starts_put_every_trial_at_the_ranges_corners_in_turn():
     assert start["mae_stig"] == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(ValueError, match="unknown start mode 'corner'"):
         BenchConfig(starts="corner")
+
+
+def test_the_bench_file_is_standard_json_when_a_method_never_reached_the_margin(tmp_path, monkeypatch):
+    import deepfocus.bench
+    from deepfocus.cli import EXIT_OK, main
+    nan = float("nan")
+    rows = [{"iteration": k, "mae_wd_um": 9.0, "mae_stig": 1.0, "within_margin": 0.0} for k in (0, 1)]
+    fake = {"config": {}, "methods": {m: {"iterations": rows, "compute_s_median": 0.1, "time_to_focus_s_median": nan,
+                                          "dose_to_focus_e_per_nm2_median": nan, "failed": 1}
+                                      for m in ("deepfocus", "mapfost")},
+            "ratios_to_mapfost": {"deepfocus": {"compute": 1.0, "time_to_focus": nan, "dose_to_focus": nan}}}
+    monkeypatch.setattr(deepfocus.bench, "run_bench", lambda cfg, log: fake)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus,mapfost", "--trials", "1",
+                 "--json", str(out)]) == EXIT_OK
+
+    def refuse(name):
+        raise ValueError(f"{name} in the bench file")
+    data = json.loads(out.read_text(), parse_constant=refuse)
+    assert data["methods"]["mapfost"]["time_to_focus_s_median"] is None
+    assert data["ratios_to_mapfost"]["deepfocus"]["time_to_focus"] is None

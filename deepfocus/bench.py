@@ -27,6 +27,7 @@ from hardware.sim.specimen import Specimen, load_specimen
 
 from .autofocus import AutofocusSettings, autofocus
 from .calibration import StigCalibration
+from .jsonio import json_safe
 
 START_MODES = ("uniform", "corners")
 
@@ -355,6 +356,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write(result: dict, out: Path) -> None:
+    """The result as standard JSON (a median that does not exist, as for a method that never reached the margin,
+    written as null) and its convergence PNG beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float))
+    out.write_text(json.dumps(json_safe(result), indent=1, default=float))
     plot(result, out.with_suffix(".png"))

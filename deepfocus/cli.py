@@ -6,22 +6,13 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+
+from .jsonio import json_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 4
 PATCHES_HELP = "patch pairs per estimate (default 8); 12 covers a 1024 x 768 frame: more precise, more compute"
 SPECIMEN_HELP = ("TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps "
                  "slices A to B-1")
-
-
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    return v
 
 
 def _estimator_from_args(args):
@@ -94,7 +85,7 @@ def predict_command(args) -> int:
               f"{est.alpha_ref_mrad:g} mrad (answers scale with it; `deepfocus calibrate` measures it)",
               file=sys.stderr)
     if args.json:
-        print(json.dumps(_json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha or None))))
+        print(json.dumps(json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha or None))))
     else:
         print(f"add wd {corr.wd_um:+.3f} um (+- {corr.uncertainty_wd_um:.3f}), stig x {corr.stig_x:+.4f}, "
               f"stig y {corr.stig_y:+.4f} (+- {corr.uncertainty_stig:.4f}); status {corr.status}"
@@ -142,7 +133,7 @@ def autofocus_command(args) -> int:
         ab = scope.sim.aberration()
         out["final_truth"] = {"defocus_um": ab.defocus_um, "stig_error": list(np.subtract(sem.get_stig(),
                                                                                          scope.sim.true_stig()))}
-    print(json.dumps(_json_safe(out), indent=None if args.json else 1, default=float))
+    print(json.dumps(json_safe(out), indent=None if args.json else 1, default=float))
     return EXIT_OK if res.ok else EXIT_FAILED
 
 
@@ -179,7 +170,7 @@ def calibrate_command(args) -> int:
         out["simulated_truth"] = {"stig_rotation_deg": st.rotation_deg, "stig_scale_um_per_unit": st.scale_um_per_unit,
                                   "optics.aperture_angle_mrad": scope.config.optics.aperture_angle_mrad}
     if args.json:
-        print(json.dumps(_json_safe(out)))
+        print(json.dumps(json_safe(out)))
     else:
         print(f"# wd answers scaled by {res.wd_scale:.3f} with the configured angle, {res.final_wd_scale:.3f} with "
               f"{res.aperture_angle_mrad:.3f} mrad (rms misfit {res.wd_residual_um:.2f} um), stigmator fit "
@@ -215,8 +206,8 @@ def bench_command(args) -> int:
         res = run_frame_artefacts(cfg, args.frame_artefacts, log=lambda s: print(s, file=sys.stderr))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(_json_safe(res), indent=1))
-        print(json.dumps(_json_safe(res["changes"])))
+            Path(args.json).write_text(json.dumps(json_safe(res), indent=1))
+        print(json.dumps(json_safe(res["changes"])))
         return EXIT_OK
     if args.fidelity:
         from .bench import fidelity
@@ -232,10 +223,8 @@ def bench_command(args) -> int:
         return EXIT_OK
     res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
     if args.json:
-        # a method that never reached the margin has no time to focus: null, as JSON readers other than Python's
-        # refuse NaN
-        write(_json_safe(res), Path(args.json))
-    print(json.dumps(_json_safe(res["methods"]), indent=1, default=float))
+        write(res, Path(args.json))
+    print(json.dumps(json_safe(res["methods"]), indent=1, default=float))
     return EXIT_OK
 
 
@@ -252,9 +241,9 @@ def _probe_shapes(args, cfg) -> int:
         return EXIT_INPUT
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_json_safe(res), indent=1))
+        Path(args.json).write_text(json.dumps(json_safe(res), indent=1))
     print(json.dumps({s: {m: {k: v for k, v in r.items() if k != "pairs"} for m, r in per.items()}
-                      for s, per in _json_safe(res)["shapes"].items()}))
+                      for s, per in json_safe(res)["shapes"].items()}))
     return EXIT_OK
 
 
@@ -277,7 +266,7 @@ def evaluate_command(args) -> int:
         print(f"deepfocus evaluate: {exc}", file=sys.stderr)
         return EXIT_INPUT
     for path, m in res.items():
-        print(json.dumps(_json_safe(dict(m, model=path))) if args.json else
+        print(json.dumps(json_safe(dict(m, model=path))) if args.json else
               f"{path}: MAE wd {m['mae_wd_um']:.3f} um, astig {m['mae_astig_um']:.3f} um; within 10 um of focus "
               f"{m['mae_wd_um_within_10um']:.3f} / {m['mae_astig_um_within_10um']:.3f} um; within 1 um and "
               f"0.5 um {m['within_1um_0.5um']:.3f}; slope {m['slope_wd_1_20um']:.3f} ({m['n_groups']} groups)")
@@ -304,7 +293,7 @@ def train_command(args) -> int:
         generate(cfg)
     if not args.generate_only:
         best = train(cfg, max_seconds=args.max_seconds)
-        print(json.dumps(_json_safe(best)))
+        print(json.dumps(json_safe(best)))
     return EXIT_OK
 
 

@@ -164,11 +164,24 @@ def _perturbation_m(cfg: BenchConfig) -> float | None:
     return None if cfg.perturbation_um is None else cfg.perturbation_um * 1e-6
 
 
-def _state(scope) -> tuple[float, float, float]:
+def probe_growth(scope) -> float:
+    """How much larger the probe is than in focus (RMS radius, as a fraction) at the microscope's true aberration:
+    what a residual error costs the image, where the margin only says pass or fail."""
+    from hardware.sim.optics import ApertureProfile, probe_rms_radius_m
+    o = scope.config.optics
+    ab = scope.sim.aberration()
+    args = (o.aperture_angle_mrad * 1e-3, o.in_focus_probe_nm * 1e-9,
+            ApertureProfile(o.aperture_taper, o.halo_fraction, o.halo_width))
+    r = probe_rms_radius_m(ab.defocus_um * 1e-6, (ab.astig_x_um * 1e-6, ab.astig_y_um * 1e-6), *args)
+    return r / probe_rms_radius_m(0.0, (0.0, 0.0), *args) - 1.0
+
+
+def _state(scope) -> tuple[float, float, float, float]:
+    """|wd error| (um), |stig error| per axis (units), probe growth (fraction)."""
     ab = scope.sim.aberration()
     ts = scope.sim.true_stig()
     st = scope.sem.get_stig()
-    return abs(ab.defocus_um), abs(st[0] - ts[0]), abs(st[1] - ts[1])
+    return abs(ab.defocus_um), abs(st[0] - ts[0]), abs(st[1] - ts[1]), probe_growth(scope)
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
@@ -176,7 +189,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     specs = specimens(cfg)
     results: dict[str, dict] = {}
     runs = method_runs(cfg)
-    errors = {m: np.full((cfg.trials, cfg.iterations + 1, 3), np.nan) for m in cfg.methods}
+    errors = {m: np.full((cfg.trials, cfg.iterations + 1, 4), np.nan) for m in cfg.methods}
     per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": []}
            for m in cfg.methods}
     for t in range(cfg.trials):
@@ -228,7 +241,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 per[name]["failed"] += 1
             e = errors[name][t, -1]
             log(f"trial {t} {name:11s} start ({z:+.1f} um, {ds[0]:+.2f}, {ds[1]:+.2f}) -> "
-                f"|wd| {e[0]:.2f} um, |stig| {e[1]:.3f} {e[2]:.3f}  {res.outcome}")
+                f"|wd| {e[0]:.2f} um, |stig| {e[1]:.3f} {e[2]:.3f}, probe +{100 * e[3]:.2f} %  {res.outcome}")
     for run in runs:
         name, sc = run.label, run.scan
         e = errors[name]
@@ -236,7 +249,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
         med = lambda v: float(statistics.median(v)) if v else float("nan")  # noqa: E731
         results[name] = {
             "iterations": [{"iteration": k, "mae_wd_um": float(e[:, k, 0].mean()),
-                            "mae_stig": float(e[:, k, 1:].mean()), "within_margin": float(within[:, k].mean())}
+                            "mae_stig": float(e[:, k, 1:3].mean()), "within_margin": float(within[:, k].mean()),
+                            "probe_growth_pct_median": 100.0 * float(np.median(e[:, k, 3])),
+                            "probe_growth_pct_p95": 100.0 * float(np.percentile(e[:, k, 3], 95))}
                            for k in range(cfg.iterations + 1)],
             "compute_s_median": med(per[name]["compute"]),
             "time_to_focus_s_median": med(per[name]["time"]),
@@ -274,8 +289,12 @@ def summary(result: dict) -> list[str]:
     lines = []
     for name, r in result["methods"].items():
         within = " / ".join(f"{it['within_margin']:.2f}" for it in r["iterations"][1:])
+        last = r["iterations"][-1]
+        # files written before the probe growth was recorded have none
+        growth = (f" probe growth at the end {last['probe_growth_pct_median']:.2f} % (95th percentile "
+                  f"{last['probe_growth_pct_p95']:.2f} %)," if "probe_growth_pct_median" in last else "")
         lines.append(f"{name}: within margin after 1..{len(r['iterations']) - 1}: {within}; compute "
-                     f"{r['compute_s_median'] * 1e3:.1f} ms, time to focus {r['time_to_focus_s_median']:.2f} s, "
+                     f"{r['compute_s_median'] * 1e3:.1f} ms,{growth} time to focus {r['time_to_focus_s_median']:.2f} s, "
                      f"dose to focus {r['dose_to_focus_e_per_nm2_median']:.1f} e/nm2, failed {r['failed']}")
     for name, q in result.get("ratios_to_mapfost", {}).items():
         lines.append(f"{name} / mapfost: compute {q['compute']:.2f}, time to focus {q['time_to_focus']:.2f}, "

@@ -26,6 +26,10 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
         assert {"compute_s_median", "time_to_focus_s_median", "dose_to_focus_e_per_nm2_median", "failed"} <= set(m)
         # one correction from a moderate start must reduce the defocus
         assert m["iterations"][1]["mae_wd_um"] < m["iterations"][0]["mae_wd_um"]
+        # and with it the probe: the growth over the in-focus probe the residual error costs the image
+        start, after = m["iterations"][0], m["iterations"][1]
+        assert after["probe_growth_pct_median"] < start["probe_growth_pct_median"]
+        assert start["probe_growth_pct_median"] <= start["probe_growth_pct_p95"]
     assert Path(out.with_suffix(".png")).stat().st_size > 1000
     # the comparison with MAPFoSt is stated as ratios of medians: the run writes them
     m = data["methods"]
@@ -117,6 +121,9 @@ def test_corner_starts_put_every_trial_at_the_ranges_corners_in_turn():
     # the lens does not land exactly where it was set (hysteresis), the stigmators do
     assert start["mae_wd_um"] == pytest.approx(8.0, abs=0.3)
     assert start["mae_stig"] == pytest.approx(1.0, abs=1e-6)
+    # 8 um and 1 unit (2 um of astigmatism per axis) at 4 mrad, 3 nm in focus: an RMS radius of
+    # sqrt(2 (1.274 nm)^2 + (4 mrad)^2 / 2 (8^2 + 2 * 2^2) um^2) = 24.1 nm, 13.4 times the in-focus 1.80 nm
+    assert start["probe_growth_pct_median"] == pytest.approx(1236, rel=0.05)
     with pytest.raises(ValueError, match="unknown start mode 'corner'"):
         BenchConfig(starts="corner")
 

@@ -285,3 +285,39 @@ def test_aperture_profile_beyond_its_range_is_refused(key, value):
     from hardware.config import ConfigError
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         open_microscope("setup_a", [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("taper, halo", [(0.0, 0.0), (2.5, 0.0), (-2.0, 0.2)])
+def test_probe_rms_radius_is_the_second_moment_of_the_rays(taper, halo):
+    """The probe size the bench reports a residual error by: rays through the aperture mapped by M, plus the
+    in-focus floor, by Monte Carlo."""
+    from hardware.sim.optics import FWHM_PER_SIGMA, ApertureProfile, probe_rms_radius_m
+    rng = np.random.default_rng(3)
+    alpha, floor, z, ax, ay = 4e-3, 3e-9, 2e-6, 1.2e-6, -0.7e-6
+    n = 400_000
+    rho, phi = np.sqrt(rng.random(n)), rng.random(n) * 2 * np.pi
+    theta = alpha * rho[:, None] * np.stack([np.cos(phi), np.sin(phi)], 1)
+    weight = np.exp(-taper * rho * rho)
+    halo_rays = rng.random(n) < halo
+    theta[halo_rays] = rng.normal(0, 1.5 * alpha, (int(halo_rays.sum()), 2))
+    weight[halo_rays] = 1.0
+    # the taper reweights the disc rays only: keep their share of the current at 1 - halo
+    disc = ~halo_rays
+    weight[disc] *= disc.sum() / weight[disc].sum()
+    m = np.array([[z + ax, ay], [ay, z - ax]])
+    r = theta @ m.T
+    sigma = floor / FWHM_PER_SIGMA
+    expected = math.sqrt(np.average((r * r).sum(1), weights=weight) + 2 * sigma * sigma)
+    got = probe_rms_radius_m(z, (ax, ay), alpha, floor, ApertureProfile(taper, halo, 1.5))
+    assert got == pytest.approx(expected, rel=0.01)
+
+
+def test_probe_rms_radius_matches_the_rendered_probe():
+    from hardware.sim.optics import apply_probe, probe_rms_radius_m
+    n, p = 512, 1e-9
+    point = np.zeros((n, n), np.float32)
+    point[n // 2, n // 2] = 1.0
+    psf = apply_probe(point, p, 3e-6, (1.5e-6, -1e-6), 4e-3, 3e-9).astype(np.float64)
+    yy, xx = np.mgrid[:n, :n]
+    rms = math.sqrt((psf * ((yy - n // 2) ** 2 + (xx - n // 2) ** 2)).sum() / psf.sum()) * p
+    assert probe_rms_radius_m(3e-6, (1.5e-6, -1e-6), 4e-3, 3e-9) == pytest.approx(rms, rel=0.005)

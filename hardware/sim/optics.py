@@ -67,6 +67,16 @@ class ApertureProfile:
         halo = np.exp(-0.5 * (self.halo_width * u) ** 2)
         return (1.0 - self.halo_fraction) * core + self.halo_fraction * halo
 
+    def mean_square_angle(self) -> float:
+        """E[|theta|^2] / alpha^2 over the current: 1/2 for the uniform disc."""
+        if self.taper == 0.0:
+            core = 0.5
+        else:
+            w = lambda rho, n: rho ** n * math.exp(-self.taper * rho * rho)  # noqa: E731
+            core = integrate.quad(w, 0.0, 1.0, args=(3,))[0] / integrate.quad(w, 0.0, 1.0, args=(1,))[0]
+        # the halo is a 2-D Gaussian of s.d. halo_width per axis
+        return (1.0 - self.halo_fraction) * core + self.halo_fraction * 2.0 * self.halo_width ** 2
+
     def extent(self) -> float:
         """Radius, in units of the aperture disc's, that holds the spot (3 s.d. of the halo when there is one)."""
         return max(1.0, 3.0 * self.halo_width) if self.halo_fraction > 0 else 1.0
@@ -107,6 +117,16 @@ def blur_radius_m(defocus_m: float, astig_m: tuple[float, float], alpha_rad: flo
     # largest singular value of M bounds the spot's semi-axis
     lam = abs(defocus_m) + math.hypot(ax, ay)
     return alpha_rad * lam * profile.extent() + 3.0 * floor_fwhm_m / FWHM_PER_SIGMA
+
+
+def probe_rms_radius_m(defocus_m: float, astig_m: tuple[float, float], alpha_rad: float, floor_fwhm_m: float,
+                       profile: ApertureProfile = UNIFORM) -> float:
+    """Root-mean-square radius of the probe: the in-focus floor and the geometric spot add in quadrature. The
+    spot's second moment is E[theta theta^T] = E|theta|^2 / 2 * I mapped by M, i.e. E|theta|^2 (z^2 + ax^2 + ay^2)."""
+    ax, ay = astig_m
+    sigma = floor_fwhm_m / FWHM_PER_SIGMA
+    spot = profile.mean_square_angle() * alpha_rad ** 2 * (defocus_m ** 2 + ax * ax + ay * ay)
+    return math.sqrt(2.0 * sigma * sigma + spot)
 
 
 def apply_probe(image: np.ndarray, pixel_size_m: float, defocus_m: float, astig_m: tuple[float, float],

@@ -290,11 +290,9 @@ def summary(result: dict) -> list[str]:
     for name, r in result["methods"].items():
         within = " / ".join(f"{it['within_margin']:.2f}" for it in r["iterations"][1:])
         last = r["iterations"][-1]
-        # files written before the probe growth was recorded have none
-        growth = (f" probe growth at the end {last['probe_growth_pct_median']:.2f} % (95th percentile "
-                  f"{last['probe_growth_pct_p95']:.2f} %)," if "probe_growth_pct_median" in last else "")
         lines.append(f"{name}: within margin after 1..{len(r['iterations']) - 1}: {within}; compute "
-                     f"{r['compute_s_median'] * 1e3:.1f} ms,{growth} "
+                     f"{r['compute_s_median'] * 1e3:.1f} ms, probe growth at the end "
+                     f"{last['probe_growth_pct_median']:.2f} % (95th percentile {last['probe_growth_pct_p95']:.2f} %), "
                      f"time to focus {r['time_to_focus_s_median']:.2f} s, "
                      f"dose to focus {r['dose_to_focus_e_per_nm2_median']:.1f} e/nm2, failed {r['failed']}")
     for name, q in result.get("ratios_to_mapfost", {}).items():

@@ -50,8 +50,10 @@ def test_ratios_to_mapfost_are_nan_where_a_method_never_reached_the_margin():
     assert q["deepfocus"] == pytest.approx({"compute": 0.2, "time_to_focus": 0.3, "dose_to_focus": 0.5})
     assert q["sweep"]["compute"] == pytest.approx(1.0) and math.isnan(q["sweep"]["time_to_focus"])
     for r in res.values():
-        r.update(iterations=[{"within_margin": 0.0}, {"within_margin": 0.5}], failed=0)
+        r.update(iterations=[{"within_margin": 0.0}, {"within_margin": 0.5, "probe_growth_pct_median": 2.0,
+                                                      "probe_growth_pct_p95": 4.0}], failed=0)
     lines = summary({"methods": res, "ratios_to_mapfost": q})
+    assert "probe growth at the end 2.00 % (95th percentile 4.00 %)" in lines[1]
     assert "deepfocus / mapfost: compute 0.20, time to focus 0.30, dose to focus 0.50" in lines
 
 

@@ -72,8 +72,9 @@ class ApertureProfile:
         if self.taper == 0.0:
             core = 0.5
         else:
-            w = lambda rho, n: rho ** n * math.exp(-self.taper * rho * rho)  # noqa: E731
-            core = integrate.quad(w, 0.0, 1.0, args=(3,))[0] / integrate.quad(w, 0.0, 1.0, args=(1,))[0]
+            def moment(n: int) -> float:
+                return integrate.quad(lambda rho: rho ** n * math.exp(-self.taper * rho * rho), 0.0, 1.0)[0]
+            core = moment(3) / moment(1)
         # the halo is a 2-D Gaussian of s.d. halo_width per axis
         return (1.0 - self.halo_fraction) * core + self.halo_fraction * 2.0 * self.halo_width ** 2
 

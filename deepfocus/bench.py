@@ -164,14 +164,13 @@ def _perturbation_m(cfg: BenchConfig) -> float | None:
     return None if cfg.perturbation_um is None else cfg.perturbation_um * 1e-6
 
 
-def probe_growth(scope) -> float:
-    """How much larger the probe is than in focus (RMS radius, as a fraction) at the microscope's true aberration:
-    what a residual error costs the image, where the margin only says pass or fail."""
+def probe_growth(optics, ab) -> float:
+    """How much larger the probe is than in focus (RMS radius, as a fraction) at the true aberration ``ab`` of a
+    microscope with ``optics`` (its OpticsConfig): what a residual error costs the image, where the margin only
+    says pass or fail."""
     from hardware.sim.optics import ApertureProfile, probe_rms_radius_m
-    o = scope.config.optics
-    ab = scope.sim.aberration()
-    args = (o.aperture_angle_mrad * 1e-3, o.in_focus_probe_nm * 1e-9,
-            ApertureProfile(o.aperture_taper, o.halo_fraction, o.halo_width))
+    args = (optics.aperture_angle_mrad * 1e-3, optics.in_focus_probe_nm * 1e-9,
+            ApertureProfile(optics.aperture_taper, optics.halo_fraction, optics.halo_width))
     r = probe_rms_radius_m(ab.defocus_um * 1e-6, (ab.astig_x_um * 1e-6, ab.astig_y_um * 1e-6), *args)
     return r / probe_rms_radius_m(0.0, (0.0, 0.0), *args) - 1.0
 
@@ -181,7 +180,7 @@ def _state(scope) -> tuple[float, float, float, float]:
     ab = scope.sim.aberration()
     ts = scope.sim.true_stig()
     st = scope.sem.get_stig()
-    return abs(ab.defocus_um), abs(st[0] - ts[0]), abs(st[1] - ts[1]), probe_growth(scope)
+    return abs(ab.defocus_um), abs(st[0] - ts[0]), abs(st[1] - ts[1]), probe_growth(scope.config.optics, ab)
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:

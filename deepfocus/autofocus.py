@@ -35,8 +35,10 @@ class AutofocusSettings:
     max_iterations: int = 5
     tol_wd_m: float = 0.6e-6
     tol_stig: float = 0.15                 # stigmator units
-    max_step_wd_m: float = 40e-6           # each correction is clipped to these
-    max_step_stig: float = 6.0
+    # Each correction is clipped to these. They sit above the largest error the loop must recover from in one
+    # step (30 um, 6 units): a limit equal to it would clip every overshoot from there to the exact answer.
+    max_step_wd_m: float = 40e-6
+    max_step_stig: float = 8.0
     max_total_wd_m: float = 120e-6         # never wander further than this from the start
     max_uncertainty_wd_m: float = 4e-6     # refuse a correction less certain than this
     max_uncertainty_stig: float = 2.0

@@ -63,6 +63,13 @@ class BenchConfig:
             raise ValueError("a blank fraction needs specimen images (--specimens PATH)")
         if self.starts not in START_MODES:
             raise ValueError(f"unknown start mode {self.starts!r}; known: {', '.join(START_MODES)}")
+        # A start at the loop's step limit would turn every overshoot of the first step into the exact answer
+        # (the clip lands on the truth) and so flatter whichever method overshoots.
+        lim = AutofocusSettings()
+        if self.start_range_um >= lim.max_step_wd_m * 1e6 - 1e-9 or self.start_range_stig >= lim.max_step_stig - 1e-12:
+            raise ValueError(f"start range (+-{self.start_range_um:g} um, +-{self.start_range_stig:g} units) must lie "
+                             f"inside the loop's step limits ({lim.max_step_wd_m * 1e6:g} um, "
+                             f"{lim.max_step_stig:g} units)")
 
 
 def corner_start(trial: int, range_um: float, range_stig: float) -> tuple[float, np.ndarray]:

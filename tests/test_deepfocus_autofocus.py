@@ -136,3 +136,13 @@ def test_a_small_wd_only_answer_never_counts_as_converged(small_scope):
     # wd is within tolerance but the astigmatism is unknown: the loop must not stop there
     res = autofocus(small_scope.sem, Scripted([wd_only(0.1)]), AutofocusSettings(max_iterations=3))
     assert res.outcome == "iteration_limit" and res.iterations == 3
+
+
+def test_an_overshoot_from_the_largest_start_is_not_clipped_onto_the_truth(small_scope):
+    # from 6 units off (the largest start the loop must recover from) a 10 % overshoot must stay an overshoot:
+    # a step limit of exactly 6 would land every overshoot on the true value and hide the estimator's error
+    sem = small_scope.sem
+    sx0, sy0 = sem.get_stig()
+    autofocus(sem, Scripted([corr(0.0, 6.6, -6.6)]), AutofocusSettings(max_iterations=1))
+    sx, sy = sem.get_stig()
+    assert (sx - sx0, sy - sy0) == (pytest.approx(6.6), pytest.approx(-6.6))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from deepfocus.autofocus import AutofocusSettings
 from deepfocus.bench import BenchConfig, run_bench, write
 from deepfocus.estimator import DEFAULT_MODEL
 
@@ -149,3 +150,10 @@ def test_the_bench_file_is_standard_json_when_a_method_never_reached_the_margin(
     data = json.loads(out.read_text(), parse_constant=refuse)
     assert data["methods"]["mapfost"]["time_to_focus_s_median"] is None
     assert data["ratios_to_mapfost"]["deepfocus"]["time_to_focus"] is None
+
+
+def test_a_start_range_at_the_step_limit_is_refused():
+    with pytest.raises(ValueError, match="step limits"):
+        BenchConfig(start_range_stig=AutofocusSettings().max_step_stig)
+    with pytest.raises(ValueError, match="step limits"):
+        BenchConfig(start_range_um=40.0)

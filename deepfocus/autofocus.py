@@ -32,11 +32,13 @@ OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 
 @dataclass
 class AutofocusSettings:
+    """The loop's policy. The defaults are ``hardware.config.AutofocusConfig``'s; ``from_config`` takes a
+    microscope's own from its YAML. A negative tolerance never stops early (the bench applies every correction)."""
     max_iterations: int = 5
     tol_wd_m: float = 0.6e-6
     tol_stig: float = 0.15                 # stigmator units
-    # Each correction is clipped to these. They sit above the largest error the loop must recover from in one
-    # step (30 um, 6 units): a limit equal to it would clip every overshoot from there to the exact answer.
+    # each correction is clipped to these; they must sit above the largest start the loop recovers from
+    # (see AutofocusConfig)
     max_step_wd_m: float = 40e-6
     max_step_stig: float = 8.0
     max_total_wd_m: float = 120e-6         # never wander further than this from the start
@@ -51,6 +53,35 @@ class AutofocusSettings:
     learn_gain: bool = True
     gain_min_step_m: float = 4e-6          # only steps this large say anything about the scale
     gain_limits: tuple[float, float] = (0.6, 1.6)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+            raise ValueError(f"max_iterations must be an integer of at least 1, got {self.max_iterations!r}")
+        for key in ("max_step_wd_m", "max_step_stig", "max_total_wd_m", "max_uncertainty_wd_m",
+                    "max_uncertainty_stig", "gain_min_step_m"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{key} must be a positive number, got {v!r}")
+        for key in ("tol_wd_m", "tol_stig"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key} must be a finite number, got {getattr(self, key)!r}")
+        if self.perturbation_m is not None and not (math.isfinite(self.perturbation_m) and self.perturbation_m > 0):
+            raise ValueError(f"perturbation_m must be a positive number of metres, got {self.perturbation_m!r}")
+        lo, hi = self.gain_limits
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"gain_limits must be (low, high) with 0 < low <= 1 <= high, got {self.gain_limits}")
+
+    @classmethod
+    def from_config(cls, config, **changes) -> "AutofocusSettings":
+        """Settings from a microscope's ``autofocus`` section (``hardware.config.AutofocusConfig``, um in its YAML),
+        with ``changes`` (fields of this class) on top."""
+        base = dict(max_iterations=config.max_iterations, tol_wd_m=config.tol_wd_um * 1e-6,
+                    tol_stig=config.tol_stig, max_step_wd_m=config.max_step_wd_um * 1e-6,
+                    max_step_stig=config.max_step_stig, max_total_wd_m=config.max_total_wd_um * 1e-6,
+                    max_uncertainty_wd_m=config.max_uncertainty_wd_um * 1e-6,
+                    max_uncertainty_stig=config.max_uncertainty_stig)
+        base.update(changes)
+        return cls(**base)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hardware.config import load_profile
 from hardware.factory import open_microscope
 from hardware.sem import ScanSettings
 from hardware.sim.specimen import Specimen, load_specimen
@@ -63,13 +64,6 @@ class BenchConfig:
             raise ValueError("a blank fraction needs specimen images (--specimens PATH)")
         if self.starts not in START_MODES:
             raise ValueError(f"unknown start mode {self.starts!r}; known: {', '.join(START_MODES)}")
-        # A start at the loop's step limit would turn every overshoot of the first step into the exact answer
-        # (the clip lands on the truth) and so flatter whichever method overshoots.
-        lim = AutofocusSettings()
-        if self.start_range_um >= lim.max_step_wd_m * 1e6 - 1e-9 or self.start_range_stig >= lim.max_step_stig - 1e-12:
-            raise ValueError(f"start range (+-{self.start_range_um:g} um, +-{self.start_range_stig:g} units) must lie "
-                             f"inside the loop's step limits ({lim.max_step_wd_m * 1e6:g} um, "
-                             f"{lim.max_step_stig:g} units)")
 
 
 def corner_start(trial: int, range_um: float, range_stig: float) -> tuple[float, np.ndarray]:
@@ -138,11 +132,23 @@ def method_runs(cfg: BenchConfig) -> list[MethodRun]:
     return runs
 
 
+def check_start_ranges(cfg: BenchConfig, micro) -> None:
+    """ValueError unless the start ranges lie inside the step limits of ``micro``'s focus loop (its YAML's
+    ``autofocus``): a start at the limit would turn every overshoot of the first step into the exact answer (the
+    clip lands on the truth) and so flatter whichever method overshoots."""
+    lim = micro.autofocus
+    if cfg.start_range_um >= lim.max_step_wd_um or cfg.start_range_stig >= lim.max_step_stig:
+        raise ValueError(f"start range (+-{cfg.start_range_um:g} um, +-{cfg.start_range_stig:g} units) must lie "
+                         f"inside the loop's step limits ({lim.max_step_wd_um:g} um, {lim.max_step_stig:g} units; "
+                         "autofocus.max_step_wd_um and autofocus.max_step_stig in the profile)")
+
+
 def check_scans(cfg: BenchConfig) -> None:
-    """Every method's focus scan set once on the profile's microscope: LimitError (a ValueError) naming the
-    setting beyond its limit, before any trial runs."""
+    """Every method's focus scan set once on the profile's microscope, and the start ranges checked against its
+    loop's step limits: LimitError (a ValueError) naming the setting beyond its limit, before any trial runs."""
     runs = method_runs(cfg)
     scope = open_microscope(cfg.profile, list(cfg.overrides))
+    check_start_ranges(cfg, scope.config)
     for r in runs:
         try:
             scope.sem.set_scan(pixel_size_m=r.scan.pixel_size_m, width_px=r.scan.width_px,
@@ -191,6 +197,7 @@ def _state(scope) -> tuple[float, float, float, float]:
 
 
 def run_bench(cfg: BenchConfig, log=print) -> dict:
+    check_start_ranges(cfg, load_profile(cfg.profile, cfg.overrides))
     rng = np.random.default_rng(cfg.seed)
     specs = specimens(cfg)
     results: dict[str, dict] = {}
@@ -228,8 +235,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                 if not hits and e[0] <= cfg.margin_wd_um and max(e[1], e[2]) <= cfg.margin_stig:
                     hits.append((rec.elapsed_s, rec.dose_e_per_nm2))
 
-            settings = AutofocusSettings(max_iterations=cfg.iterations, tol_wd_m=-1.0, tol_stig=-1.0,
-                                         perturbation_m=_perturbation_m(cfg))
+            settings = AutofocusSettings.from_config(scope.config.autofocus, max_iterations=cfg.iterations,
+                                                     tol_wd_m=-1.0, tol_stig=-1.0,
+                                                     perturbation_m=_perturbation_m(cfg))
             res = autofocus(scope.sem, method, settings, on_iteration=record)
             # a loop that stopped early keeps its last state for the remaining iterations
             last = _state(scope)

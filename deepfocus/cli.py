@@ -113,16 +113,20 @@ def autofocus_command(args) -> int:
     import numpy as np
 
     from .autofocus import AutofocusSettings, autofocus, summarise
-    scope = _open_scope(args)
-    sem = scope.sem
-    if scope.sim is not None and (args.start_wd_um or args.start_stig):
-        ts = np.array(scope.sim.true_stig())
-        sem.set_stig(*(ts + np.array(args.start_stig or (0.0, 0.0))))
-        sem.set_wd_m(scope.sim.true_wd_m() + args.start_wd_um * 1e-6)
     try:
-        settings = AutofocusSettings(max_iterations=args.iterations, perturbation_m=_perturbation_m(args))
+        # a broken profile, a scan or start beyond the microscope's limits: named, no traceback
+        scope = _open_scope(args)
+        sem = scope.sem
+        if scope.sim is not None and (args.start_wd_um or args.start_stig):
+            ts = np.array(scope.sim.true_stig())
+            sem.set_stig(*(ts + np.array(args.start_stig or (0.0, 0.0))))
+            sem.set_wd_m(scope.sim.true_wd_m() + args.start_wd_um * 1e-6)
+        # the loop's limits and tolerances are the microscope's (its YAML's autofocus section)
+        changes = {} if args.iterations is None else {"max_iterations": args.iterations}
+        settings = AutofocusSettings.from_config(scope.config.autofocus, perturbation_m=_perturbation_m(args),
+                                                 **changes)
         _estimator_settings(args)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"deepfocus autofocus: {exc}", file=sys.stderr)
         return EXIT_INPUT
     res = autofocus(sem, _method(args.method, scope, args.model, args.patches), settings)
@@ -153,7 +157,8 @@ def calibrate_command(args) -> int:
     sem = scope.sem
     if args.focus_first:
         # with the old calibration the loop may stop short of the margin; near focus is enough for the fits
-        r = autofocus(sem, est, AutofocusSettings(max_iterations=args.iterations, perturbation_m=d))
+        r = autofocus(sem, est, AutofocusSettings.from_config(scope.config.autofocus, max_iterations=args.iterations,
+                                                              perturbation_m=d))
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
         res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg,
@@ -354,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--start-wd-um", type=float, default=0.0, help="initial defocus set before the loop")
     a.add_argument("--start-stig", type=float, nargs=2, default=None, help="initial stigmator offset (units)")
     a.add_argument("--json", action="store_true", help="one line of JSON")
-    a.set_defaults(func=autofocus_command)
+    # without --iterations the profile's autofocus.max_iterations
+    a.set_defaults(func=autofocus_command, iterations=None)
 
     c = sub.add_parser("calibrate", help="measure the wd scale (effective aperture angle) and the stigmator "
                                          "matrix from known steps, for the microscope's YAML")

@@ -183,6 +183,24 @@ class CalibrationConfig:
 
 
 @dataclass
+class AutofocusConfig:
+    """This microscope's focus-loop policy (``deepfocus.autofocus.AutofocusSettings.from_config`` reads it).
+
+    Per microscope because a stigmator unit is a different astigmatism on each. Each step limit sits above the
+    largest error the loop must recover from in one step (30 um, 6 units): a limit equal to it would clip every
+    overshoot from there onto the exact answer.
+    """
+    max_iterations: int = 5
+    tol_wd_um: float = 0.6                    # converged once the predicted correction is within these
+    tol_stig: float = 0.15
+    max_step_wd_um: float = 40.0              # each correction is clipped to these
+    max_step_stig: float = 8.0
+    max_total_wd_um: float = 120.0            # never wander further than this from the start
+    max_uncertainty_wd_um: float = 4.0        # refuse a correction less certain than this
+    max_uncertainty_stig: float = 2.0
+
+
+@dataclass
 class MicroscopeConfig:
     name: str = "unnamed"
     description: str = ""
@@ -203,6 +221,7 @@ class MicroscopeConfig:
     ion_gun: IonGunConfig = field(default_factory=IonGunConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    autofocus: AutofocusConfig = field(default_factory=AutofocusConfig)
     source: str = ""                          # where the profile was read from (filled in by the loader)
 
     def to_dict(self) -> dict:
@@ -409,6 +428,7 @@ def validate(cfg: MicroscopeConfig) -> None:
         if len(getattr(cfg.wafer, key)) != 2:
             raise ConfigError(f"wafer.{key} must have two entries, got {getattr(cfg.wafer, key)}")
     _validate_ion_gun(cfg.ion_gun)
+    _validate_autofocus(cfg)
     if cfg.clock not in ("virtual", "real"):
         raise ConfigError(f"clock must be 'virtual' or 'real', got {cfg.clock!r}")
     m = cfg.calibration.stig_matrix
@@ -417,6 +437,26 @@ def validate(cfg: MicroscopeConfig) -> None:
               and all(isinstance(v, (int, float)) and math.isfinite(v) for r in m for v in r))
         if not ok:
             raise ConfigError(f"calibration.stig_matrix must be a 2x2 list of numbers, got {m!r}")
+
+
+def _validate_autofocus(cfg: MicroscopeConfig) -> None:
+    a = cfg.autofocus
+    if a.max_iterations < 1:
+        raise ConfigError(f"autofocus.max_iterations must be at least 1, got {a.max_iterations}")
+    for key in ("tol_wd_um", "tol_stig", "max_step_wd_um", "max_step_stig", "max_total_wd_um",
+                "max_uncertainty_wd_um", "max_uncertainty_stig"):
+        if not getattr(a, key) > 0:
+            raise ConfigError(f"autofocus.{key} must be positive, got {getattr(a, key):g}")
+    # steps the hardware would refuse (or that cross the whole stigmator range) are no limit at all
+    if a.max_step_wd_um > cfg.limits.wd_step_um:
+        raise ConfigError(f"autofocus.max_step_wd_um = {a.max_step_wd_um:g} exceeds limits.wd_step_um = "
+                          f"{cfg.limits.wd_step_um:g}, the largest wd change the microscope accepts")
+    if a.max_step_stig > 2 * cfg.stigmator.range:
+        raise ConfigError(f"autofocus.max_step_stig = {a.max_step_stig:g} exceeds the stigmators' whole range "
+                          f"(2 x stigmator.range = {2 * cfg.stigmator.range:g} units)")
+    if a.max_total_wd_um < a.max_step_wd_um:
+        raise ConfigError(f"autofocus.max_total_wd_um = {a.max_total_wd_um:g} is below autofocus.max_step_wd_um = "
+                          f"{a.max_step_wd_um:g}: a single step could never be taken in full")
 
 
 ION_GUN_BLANKERS = ("outputs", "rts", "none")

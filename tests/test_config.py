@@ -57,6 +57,11 @@ def test_profile_by_path_and_unknown_keys_in_files(tmp_path):
     ("limits:\n  wd_mm: [5, 2]\n", "limits.wd_mm must be [low, high]"),
     ("optics: 3\n", "optics: expected a mapping"),
     ("beam:\n  current_na: .nan\n", "expected a finite number"),
+    ("autofocus:\n  max_step_stig: 25\n", "autofocus.max_step_stig = 25 exceeds the stigmators' whole range"),
+    ("autofocus:\n  max_step_wd_um: 600\n", "exceeds limits.wd_step_um"),
+    ("autofocus:\n  tol_wd_um: 0\n", "autofocus.tol_wd_um must be positive"),
+    ("autofocus:\n  max_iterations: 0\n", "autofocus.max_iterations must be at least 1"),
+    ("autofocus:\n  max_total_wd_um: 20\n", "a single step could never be taken in full"),
 ])
 def test_broken_profiles_are_named(tmp_path, text, message):
     p = tmp_path / "broken.yaml"

@@ -146,3 +146,49 @@ def test_an_overshoot_from_the_largest_start_is_not_clipped_onto_the_truth(small
     autofocus(sem, Scripted([corr(0.0, 6.6, -6.6)]), AutofocusSettings(max_iterations=1))
     sx, sy = sem.get_stig()
     assert (sx - sx0, sy - sy0) == (pytest.approx(6.6), pytest.approx(-6.6))
+
+
+def test_settings_default_to_the_profile_section_and_take_a_microscopes_own():
+    from hardware.config import AutofocusConfig, load_profile
+    base = AutofocusSettings.from_config(AutofocusConfig())
+    plain = AutofocusSettings()
+    for key in ("max_iterations", "tol_wd_m", "tol_stig", "max_step_wd_m", "max_step_stig", "max_total_wd_m",
+                "max_uncertainty_wd_m", "max_uncertainty_stig"):
+        assert getattr(base, key) == pytest.approx(getattr(plain, key)), key
+    own = AutofocusSettings.from_config(load_profile("setup_a", ["autofocus.max_step_stig=3",
+                                                                 "autofocus.tol_wd_um=1.5"]).autofocus,
+                                        max_iterations=2)
+    assert (own.max_step_stig, own.tol_wd_m, own.max_iterations) == (3.0, pytest.approx(1.5e-6), 2)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"max_step_stig": -1.0}, "max_step_stig must be a positive number"),
+    ({"max_step_wd_m": float("nan")}, "max_step_wd_m must be a positive number"),
+    ({"tol_wd_m": float("inf")}, "tol_wd_m must be a finite number"),
+    ({"max_iterations": 0}, "max_iterations must be an integer of at least 1"),
+    ({"perturbation_m": -5e-6}, "perturbation_m must be a positive number of metres"),
+    ({"gain_limits": (1.2, 1.6)}, "gain_limits must be"),
+])
+def test_settings_out_of_range_are_refused_by_name(changes, message):
+    with pytest.raises(ValueError, match=message):
+        AutofocusSettings(**changes)
+
+
+def test_the_loop_clips_to_the_microscopes_own_step_limit(small_scope):
+    sem = small_scope.sem
+    sx0, _ = sem.get_stig()
+    settings = AutofocusSettings.from_config(small_scope.config.autofocus, max_iterations=1, max_step_stig=2.0)
+    res = autofocus(sem, Scripted([corr(0.0, 5.0, 0.0)]), settings)
+    assert res.trace[0].clipped and sem.get_stig()[0] - sx0 == pytest.approx(2.0)
+
+
+def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(capsys):
+    import json
+
+    from deepfocus.cli import EXIT_INPUT, main
+    main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_iterations=1", "--start-wd-um", "10",
+          "--dwell-ns", "50", "--frame-px", "512", "512", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["iterations"]) == 1 and out["images_taken"] == 2
+    assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
+    assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err

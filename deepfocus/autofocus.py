@@ -17,6 +17,7 @@ typical far from focus) moves wd only, and the loop goes on: it never converges 
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
@@ -55,7 +56,7 @@ class AutofocusSettings:
     gain_limits: tuple[float, float] = (0.6, 1.6)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_iterations, int) or self.max_iterations < 1:
+        if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
             raise ValueError(f"max_iterations must be an integer of at least 1, got {self.max_iterations!r}")
         for key in ("max_step_wd_m", "max_step_stig", "max_total_wd_m", "max_uncertainty_wd_m",
                     "max_uncertainty_stig", "gain_min_step_m"):

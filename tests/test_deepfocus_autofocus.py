@@ -174,10 +174,12 @@ def test_settings_out_of_range_are_refused_by_name(changes, message):
         AutofocusSettings(**changes)
 
 
-def test_the_loop_clips_to_the_microscopes_own_step_limit(small_scope):
-    sem = small_scope.sem
+def test_the_loop_clips_to_the_microscopes_own_step_limit():
+    scope = open_microscope("setup_a", ["autofocus.max_step_stig=2"])
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=128, height_px=128, dwell_s=50e-9)
+    sem = scope.sem
     sx0, _ = sem.get_stig()
-    settings = AutofocusSettings.from_config(small_scope.config.autofocus, max_iterations=1, max_step_stig=2.0)
+    settings = AutofocusSettings.from_config(scope.config.autofocus, max_iterations=1)
     res = autofocus(sem, Scripted([corr(0.0, 5.0, 0.0)]), settings)
     assert res.trace[0].clipped and sem.get_stig()[0] - sx0 == pytest.approx(2.0)
 

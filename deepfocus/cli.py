@@ -185,7 +185,9 @@ def calibrate_command(args) -> int:
 
 
 def bench_command(args) -> int:
-    from .bench import BenchConfig, check_scans, run_bench, write
+    from hardware.config import load_profile
+
+    from .bench import BenchConfig, check_scans, check_start_ranges, run_bench, write
     try:
         cfg = BenchConfig(profile=args.profile, overrides=args.set or [], specimens=args.specimens or [],
                           methods=[m.strip() for m in args.methods.split(",") if m.strip()], model=args.model,
@@ -201,6 +203,9 @@ def bench_command(args) -> int:
         if (args.probe_shapes or args.frame_artefacts or args.fidelity) and any("@" in m for m in cfg.methods):
             raise ValueError("a method's own scan (NAME@...) is for closed-loop runs; single pairs take "
                              "--dwell-ns, --pixel-size-nm and --frame-px")
+        if not (args.probe_shapes or args.frame_artefacts or args.fidelity):
+            # run_bench checks this too; here it is refused before any output, as an input error
+            check_start_ranges(cfg, load_profile(cfg.profile, cfg.overrides))
     except ValueError as exc:   # also a scan beyond the microscope's limits (LimitError) or a broken profile
         print(f"deepfocus bench: {exc}", file=sys.stderr)
         return EXIT_INPUT

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deepfocus.bench import BenchConfig, check_scans, run_bench, write
+from deepfocus.bench import BenchConfig, run_bench, write
 from deepfocus.estimator import DEFAULT_MODEL
 
 
@@ -151,10 +151,12 @@ def test_the_bench_file_is_standard_json_when_a_method_never_reached_the_margin(
     assert data["ratios_to_mapfost"]["deepfocus"]["time_to_focus"] is None
 
 
-def test_a_start_range_at_the_profiles_step_limit_is_refused():
+def test_a_start_range_at_the_profiles_step_limit_is_refused(capsys):
     # the limits are the profile's: a microscope whose loop clips at 5 units cannot be started 6 units off
+    from deepfocus.cli import EXIT_INPUT, main
     with pytest.raises(ValueError, match="step limits"):
-        check_scans(BenchConfig(methods=["sweep"], start_range_stig=6.0, overrides=["autofocus.max_step_stig=5"]))
+        run_bench(BenchConfig(methods=["sweep"], start_range_stig=6.0, overrides=["autofocus.max_step_stig=5"]))
     with pytest.raises(ValueError, match="step limits"):
         run_bench(BenchConfig(methods=["sweep"], start_range_um=40.0, trials=1))
-    check_scans(BenchConfig(methods=["sweep"]))     # the shipped profile takes the range
+    assert main(["bench", "--methods", "sweep", "--start-range-stig", "8", "--trials", "1"]) == EXIT_INPUT
+    assert "autofocus.max_step_stig in the profile" in capsys.readouterr().err

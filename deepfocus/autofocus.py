@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from hardware.config import AutofocusConfig
 from hardware.sem import SEM, Frame, ScanSettings
 
 from .correction import Correction, Estimator, answers_perturbation
@@ -31,20 +32,24 @@ from .correction import Correction, Estimator, answers_perturbation
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 
 
+# the loop's defaults are the profile section's, stated once there
+_PROFILE_DEFAULTS = AutofocusConfig()
+
+
 @dataclass
 class AutofocusSettings:
     """The loop's policy. The defaults are ``hardware.config.AutofocusConfig``'s; ``from_config`` takes a
     microscope's own from its YAML. A negative tolerance never stops early (the bench applies every correction)."""
-    max_iterations: int = 5
-    tol_wd_m: float = 0.6e-6
-    tol_stig: float = 0.15                 # stigmator units
+    max_iterations: int = _PROFILE_DEFAULTS.max_iterations
+    tol_wd_m: float = _PROFILE_DEFAULTS.tol_wd_um * 1e-6
+    tol_stig: float = _PROFILE_DEFAULTS.tol_stig                        # stigmator units
     # each correction is clipped to these; they must sit above the largest start the loop recovers from
     # (see AutofocusConfig)
-    max_step_wd_m: float = 40e-6
-    max_step_stig: float = 8.0
-    max_total_wd_m: float = 120e-6         # never wander further than this from the start
-    max_uncertainty_wd_m: float = 4e-6     # refuse a correction less certain than this
-    max_uncertainty_stig: float = 2.0
+    max_step_wd_m: float = _PROFILE_DEFAULTS.max_step_wd_um * 1e-6
+    max_step_stig: float = _PROFILE_DEFAULTS.max_step_stig
+    max_total_wd_m: float = _PROFILE_DEFAULTS.max_total_wd_um * 1e-6     # never wander further from the start
+    max_uncertainty_wd_m: float = _PROFILE_DEFAULTS.max_uncertainty_wd_um * 1e-6   # refuse a less certain one
+    max_uncertainty_stig: float = _PROFILE_DEFAULTS.max_uncertainty_stig
     perturbation_m: float | None = None    # default: what the estimator wants
     scan: ScanSettings | None = None       # scan for the focus frames (restored afterwards)
     restore_on_failure: bool = True
@@ -73,7 +78,7 @@ class AutofocusSettings:
             raise ValueError(f"gain_limits must be (low, high) with 0 < low <= 1 <= high, got {self.gain_limits}")
 
     @classmethod
-    def from_config(cls, config, **changes) -> "AutofocusSettings":
+    def from_config(cls, config: AutofocusConfig, **changes) -> "AutofocusSettings":
         """Settings from a microscope's ``autofocus`` section (``hardware.config.AutofocusConfig``, um in its YAML),
         with ``changes`` (fields of this class) on top."""
         base = dict(max_iterations=config.max_iterations, tol_wd_m=config.tol_wd_um * 1e-6,

@@ -155,10 +155,15 @@ def calibrate_command(args) -> int:
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
     sem = scope.sem
+    try:
+        focus_settings = AutofocusSettings.from_config(scope.config.autofocus, max_iterations=args.iterations,
+                                                       perturbation_m=d)
+    except ValueError as exc:
+        print(f"deepfocus calibrate: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     if args.focus_first:
         # with the old calibration the loop may stop short of the margin; near focus is enough for the fits
-        r = autofocus(sem, est, AutofocusSettings.from_config(scope.config.autofocus, max_iterations=args.iterations,
-                                                              perturbation_m=d))
+        r = autofocus(sem, est, focus_settings)
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
         res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg,

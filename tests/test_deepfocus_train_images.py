@@ -135,6 +135,22 @@ def test_shipped_configs_pick_their_network():
         assert cfg.gen.get("alpha_ref_mrad") is None
 
 
+@pytest.mark.parametrize("config, shares_with", [("pairs_v6.yaml", "baseline.yaml"),
+                                                 ("spectral_v6.yaml", "spectral_video.yaml")])
+def test_the_twice_the_data_configs_draw_the_shards_they_tell_users_to_link(config, shares_with):
+    # their headers say to link the other run's shards rather than make them again: that holds only while shard i
+    # comes from the same seed, recipe, size and augmentation in both
+    from pathlib import Path
+    configs = Path(__file__).resolve().parents[1] / "deepfocus" / "configs"
+    cfg, other = TrainConfig.load(configs / config), TrainConfig.load(configs / shares_with)
+    for key in ("seed", "gen", "groups_per_shard", "val_shards", "copies"):
+        assert getattr(cfg, key) == getattr(other, key), key
+    assert cfg.train_shards == 2 * other.train_shards
+    assert cfg.image_model == other.image_model
+    if not cfg.image_model:
+        assert cfg.pair_data == "deepfocus/runs/pairs_v6/data"
+
+
 def test_spectral_shards_are_refused_by_the_image_trainer(tmp_path):
     p = tmp_path / "train_0000.npz"
     np.savez(p, features=np.zeros((2, 4, 3, 20, 12), np.float16), targets=np.zeros((2, 3), np.float32))

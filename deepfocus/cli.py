@@ -10,7 +10,8 @@ from pathlib import Path
 from .jsonio import json_safe
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 4
-PATCHES_HELP = "patch pairs per estimate (default 8); 12 covers a 1024 x 768 frame: more precise, more compute"
+PATCHES_HELP = ("patch pairs per estimate on a 1024 x 768 frame (default 8; larger frames get as many per 1024 x 768 "
+                "of their area, up to 16); 12 cover a 1024 x 768 frame: more precise, more compute")
 SPECIMEN_HELP = ("TIFF/PNG image or stack to image (default: the synthetic neuropil); STACK.tif[A:B] keeps "
                  "slices A to B-1")
 

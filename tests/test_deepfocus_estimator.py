@@ -181,6 +181,32 @@ def test_settings_without_a_patch_size_take_the_models():
     assert est.settings.patch_px == 128 and est.settings.n_patches == 5
 
 
+
+def test_larger_frames_are_read_with_more_patch_pairs_up_to_the_limit():
+    from deepfocus.estimator import patch_count
+    s = EstimatorSettings()
+    assert patch_count((768, 1024), 256, s) == 8                 # the frame n_patches is meant for
+    assert patch_count((384, 512), 256, s) == 8                  # smaller frames: overlapping grid, as before
+    assert patch_count((960, 1280), 256, s) == 10                # 15 tiles of 256 px
+    assert patch_count((1536, 2048), 256, s) == 16               # 48 tiles: capped at max_patches
+    assert patch_count((1536, 2048), 512, s) == 8                # fine pixels binned 2 x 2: patches cut 512 px
+    assert patch_count((1536, 2048), 256, EstimatorSettings(patches_scale_with_frame=False)) == 8
+    assert patch_count((1536, 2048), 256, EstimatorSettings(n_patches=12)) == 16
+    assert patch_count((1536, 2048), 256, EstimatorSettings(n_patches=20)) == 20   # never fewer than asked for
+
+
+def test_a_2048_x_1536_pair_is_answered_from_sixteen_patch_pairs(model_file):
+    from deepfocus.autofocus import acquire_pair
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a", ["seed=3"])
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=2048, height_px=1536, dwell_s=50e-9)
+    minus, plus = acquire_pair(scope.sem, 5e-6)
+    est = load_estimator(model_file, device="cpu")
+    c = est.estimate(minus.image, plus.image, 10e-9, 5e-6)
+    assert c.status == "ok" and c.n_patches == 16, (c.status, c.n_patches, c.extra)
+    fixed = load_estimator(model_file, device="cpu", settings=EstimatorSettings(patches_scale_with_frame=False))
+    assert fixed.estimate(minus.image, plus.image, 10e-9, 5e-6).n_patches == 8
+
 class _AgreeOnWd(torch.nn.Module):
     """Every patch answers wd 20 um; astigmatism alternates +-3 um between patches."""
 

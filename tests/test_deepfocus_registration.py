@@ -95,6 +95,19 @@ def test_a_shift_of_a_fifth_of_the_frame_is_found_and_answered_as_no_shift():
     assert abs(got.astig_x_um - aligned.astig_x_um) < 0.3 and abs(got.astig_y_um - aligned.astig_y_um) < 0.3
 
 
+def test_a_frame_wider_than_the_registered_crop_still_has_its_drift_found():
+    """2048 px wide frames are registered on their central 1024 px: a 200 px drift (2 um) is found there as on a
+    1024 px frame, and the patches are cut from the field both frames share."""
+    minus, plus = _wide_pair(2248, 4.0)
+    shift = measure_shift(minus[:, :2048], plus[:, 200:])
+    assert shift.dy_px == 0 and abs(shift.dx_px + 200) <= 4, shift
+    est = load_estimator(device="cpu")
+    aligned = est.estimate(minus[:, :2048], plus[:, :2048], 10e-9, 5e-6)
+    got = est.estimate(minus[:, :2048], plus[:, 200:], 10e-9, 5e-6)
+    assert got.status == "ok" and abs(got.extra["shift_px"][1] + 200) <= 4, got.extra
+    assert abs(got.wd_um - aligned.wd_um) < 0.5
+
+
 def test_frames_moved_by_more_than_registration_finds_are_answered_uncertain():
     """A third of the frame between the two frames is beyond what registration finds: the patches would compare
     different specimen, so the answer is "uncertain", not a move micrometres off. (The patches' spread refuses

@@ -50,7 +50,8 @@ def register_service_commands(subparsers: Any) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of --profile (repeatable)")
     s.add_argument("--patches", type=int, default=None, metavar="N",
-                   help="patch pairs per estimate for the model files it loads (default 8); 12 covers a "
+                   help="patch pairs per estimate on a 1024 x 768 frame for the model files it loads (default 8; "
+                        "larger frames get as many per 1024 x 768 of their area, up to 16); 12 cover a "
                         "1024 x 768 frame: more precise, most of all at low dose, 30-40 %% more compute")
     s.add_argument("--queue-size", type=int, default=64, help="requests queued before 'busy'")
     s.add_argument("--max-side-px", type=int, default=8192, help="largest image side accepted")

@@ -103,16 +103,17 @@ def _tiles(shape: tuple[int, int], patch: int) -> int:
     return (shape[0] // patch) * (shape[1] // patch)
 
 
-# patches side by side in the frame n_patches is meant for (1024 x 768 px at 256 px patches)
-REFERENCE_TILES = 12
+# the frame n_patches is meant for, in the model's pixels (after any binning of fine pixels)
+REFERENCE_FRAME_PX = 1024 * 768
 
 
-def patch_count(shape: tuple[int, int], patch: int, settings: "EstimatorSettings") -> int:
-    """Patch pairs for a frame of ``shape`` cut in patches of ``patch`` px (``EstimatorSettings``'s scaling)."""
+def patch_count(shape: tuple[int, int], nbin: int, settings: "EstimatorSettings") -> int:
+    """Patch pairs for a frame of ``shape`` px binned ``nbin`` x ``nbin`` for the model (``EstimatorSettings``'s
+    scaling with the frame's area)."""
     n = settings.n_patches
     if not settings.patches_scale_with_frame:
         return n
-    scaled = int(round(n * _tiles(shape, patch) / REFERENCE_TILES))
+    scaled = int(round(n * (shape[0] // nbin) * (shape[1] // nbin) / REFERENCE_FRAME_PX))
     return max(n, min(scaled, settings.max_patches))
 
 
@@ -137,7 +138,7 @@ def consensus(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass
 class EstimatorSettings:
-    n_patches: int = 8                   # on a frame that holds 12 patches side by side (1024 x 768 at 256 px)
+    n_patches: int = 8                   # on a frame of 1024 x 768 px (in the model's pixels) or smaller
     patch_px: int | None = None          # None: the size the model was trained on (its meta.json)
     layout: str = "grid"
     seed: int = 0
@@ -156,8 +157,8 @@ class EstimatorSettings:
     # each patch pair also answered mirrored left to right and the two answers averaged, where the model can
     # (spectral models exported since; see models/README.md, "Mirror averaging")
     mirror_average: bool = True
-    # A frame holding more patches side by side than a 1024 x 768 frame (12 of 256 px) gets n_patches for each 12 of
-    # them, up to max_patches: 8 patches read a sixth of a 2048 x 1536 frame, and far from focus the first
+    # A frame larger than 1024 x 768 (in the model's pixels) gets n_patches for each 1024 x 768 of its area, up to
+    # max_patches: 8 patches of 256 px read a sixth of a 2048 x 1536 frame, and far from focus the first
     # correction's error is mostly the field's own structure, which more of the field averages down (from the
     # corners of the range 16 patches landed the first correction in 0.69 of the starts, 8 in 0.44; models/README.md,
     # "Larger frames")
@@ -299,7 +300,7 @@ class DeepFocusEstimator(Estimator):
                              f"this model: too small, need at least {64 * nbin} px per side")
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
-        offs = list(dict.fromkeys(patch_offsets(a.shape, src, patch_count(a.shape, src, s), s.layout, s.seed)))
+        offs = list(dict.fromkeys(patch_offsets(a.shape, src, patch_count(a.shape, nbin, s), s.layout, s.seed)))
         cr = contrast_ratio(a, b, pixel_size_m, binned) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:

@@ -185,14 +185,14 @@ def test_settings_without_a_patch_size_take_the_models():
 def test_larger_frames_are_read_with_more_patch_pairs_up_to_the_limit():
     from deepfocus.estimator import patch_count
     s = EstimatorSettings()
-    assert patch_count((768, 1024), 256, s) == 8                 # the frame n_patches is meant for
-    assert patch_count((384, 512), 256, s) == 8                  # smaller frames: overlapping grid, as before
-    assert patch_count((960, 1280), 256, s) == 10                # 15 tiles of 256 px
-    assert patch_count((1536, 2048), 256, s) == 16               # 48 tiles: capped at max_patches
-    assert patch_count((1536, 2048), 512, s) == 8                # fine pixels binned 2 x 2: patches cut 512 px
-    assert patch_count((1536, 2048), 256, EstimatorSettings(patches_scale_with_frame=False)) == 8
-    assert patch_count((1536, 2048), 256, EstimatorSettings(n_patches=12)) == 16
-    assert patch_count((1536, 2048), 256, EstimatorSettings(n_patches=20)) == 20   # never fewer than asked for
+    assert patch_count((768, 1024), 1, s) == 8                   # the frame n_patches is meant for
+    assert patch_count((384, 512), 1, s) == 8                    # smaller frames: as many, overlapping
+    assert patch_count((960, 1280), 1, s) == 12                  # 1.56 x the area
+    assert patch_count((1536, 2048), 1, s) == 16                 # 4 x the area: capped at max_patches
+    assert patch_count((1536, 2048), 2, s) == 8                  # fine pixels binned 2 x 2 for the model
+    assert patch_count((1536, 2048), 1, EstimatorSettings(patches_scale_with_frame=False)) == 8
+    assert patch_count((1536, 2048), 1, EstimatorSettings(n_patches=12)) == 16
+    assert patch_count((1536, 2048), 1, EstimatorSettings(n_patches=20)) == 20     # never fewer than asked for
 
 
 def test_a_2048_x_1536_pair_is_answered_from_sixteen_patch_pairs(model_file):

@@ -181,7 +181,6 @@ def test_settings_without_a_patch_size_take_the_models():
     assert est.settings.patch_px == 128 and est.settings.n_patches == 5
 
 
-
 def test_larger_frames_are_read_with_more_patch_pairs_up_to_the_limit():
     from deepfocus.estimator import patch_count
     s = EstimatorSettings()
@@ -206,6 +205,7 @@ def test_a_2048_x_1536_pair_is_answered_from_sixteen_patch_pairs(model_file):
     assert c.status == "ok" and c.n_patches == 16, (c.status, c.n_patches, c.extra)
     fixed = load_estimator(model_file, device="cpu", settings=EstimatorSettings(patches_scale_with_frame=False))
     assert fixed.estimate(minus.image, plus.image, 10e-9, 5e-6).n_patches == 8
+
 
 class _AgreeOnWd(torch.nn.Module):
     """Every patch answers wd 20 um; astigmatism alternates +-3 um between patches."""

@@ -55,16 +55,23 @@ class AutofocusSettings:
     restore_on_failure: bool = True
     correct_stig: bool = True
     # The loop knows the wd step it applied, so the ratio of two consecutive predictions reveals
-    # the estimator's scale error on this microscope and specimen: divide it out from then on.
+    # the estimator's scale error on this microscope and specimen: divide it out of every later step.
     learn_gain: bool = True
-    gain_min_step_m: float = 4e-6          # only steps this large say anything about the scale
+    gain_min_step_m: float = 2e-6          # only steps this large say anything about the scale
+    # near focus the wd steps are too small to tell the scale; a stigmator step this large (units) tells it for an
+    # estimator whose stigmator answers share the wd answers' scale (``Estimator.stig_shares_wd_scale``)
+    gain_min_step_stig: float = 0.3
+    # An aperture angle off by up to about 1.25x either way (answers scale about as its square) is taken out at
+    # once, a larger error in steps. Wider limits (0.45, 2.2) let MAPFoSt's far answers, off through its probe
+    # model rather than by a scale, set gains that cost it a correction from the corners (0.91 instead of 0.97
+    # within the margin after three).
     gain_limits: tuple[float, float] = (0.6, 1.6)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
             raise ValueError(f"max_iterations must be an integer of at least 1, got {self.max_iterations!r}")
         for key in ("max_step_wd_m", "max_step_stig", "max_total_wd_m", "max_uncertainty_wd_m",
-                    "max_uncertainty_stig", "gain_min_step_m"):
+                    "max_uncertainty_stig", "gain_min_step_m", "gain_min_step_stig"):
             v = getattr(self, key)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{key} must be a positive number, got {v!r}")
@@ -103,7 +110,8 @@ class IterationRecord:
     dose_e_per_nm2: float          # cumulative
     compute_s: float
     frames: int
-    wd_gain: float = 1.0           # scale of the estimator's wd answers assumed for this step
+    wd_gain: float = 1.0           # scale of the estimator's answers assumed for this step (learned from wd
+                                   # steps; divides the wd and the stigmator steps)
 
 
 @dataclass
@@ -149,6 +157,44 @@ def acquire_pair(sem: SEM, perturbation_m: float) -> tuple[Frame, Frame]:
     return minus, plus
 
 
+class _AnswerScale:
+    """The estimator's answers over the truth on this microscope and specimen, learned from two consecutive answers
+    around the step the loop applied between them (``AutofocusSettings.learn_gain``).
+
+    DeepFocus reads its wd and stigmator answers against the perturbation through the same blur, so a wrong
+    aperture angle (or perturbation) scales them alike, about as (alpha_true / alpha_believed)^2: for such an
+    estimator the scale divides the stigmator steps too, and a stigmator step tells it where the wd steps are too
+    small to. Left undivided, a 1.4x angle error made the stigmators overshoot back and forth near focus (setup_a:
+    0.15 of 20 far starts within the margin after 3 corrections). MAPFoSt's far wd answers are off through its probe
+    model, not by a common scale: its stigmator steps are left alone.
+    """
+
+    def __init__(self, settings: AutofocusSettings, stig_shares: bool):
+        self.s = settings
+        self.stig_shares = stig_shares
+        self.gain = 1.0
+        self._last: tuple[Correction, float | None, tuple[float, float] | None] | None = None
+
+    def learn(self, corr: Correction, wd_only: bool) -> None:
+        if not self.s.learn_gain or self._last is None:
+            return
+        before, step_wd_um, step_stig = self._last
+        g = None
+        if step_wd_um is not None and abs(step_wd_um) >= self.s.gain_min_step_m * 1e6:
+            # pred = g * true: pred_now = pred_before - g * step  =>  g = (pred_before - pred_now) / step
+            g = (before.wd_um - corr.wd_um) / step_wd_um
+        elif self.stig_shares and not wd_only and step_stig is not None \
+                and math.hypot(*step_stig) >= self.s.gain_min_step_stig:
+            # the same along the stigmator step (a projection: the step is a vector)
+            d = (before.stig_x - corr.stig_x, before.stig_y - corr.stig_y)
+            g = (d[0] * step_stig[0] + d[1] * step_stig[1]) / (step_stig[0] ** 2 + step_stig[1] ** 2)
+        if g is not None:
+            self.gain = float(min(max(g, self.s.gain_limits[0]), self.s.gain_limits[1]))
+
+    def remember(self, corr: Correction, step_wd_um: float | None, step_stig: tuple[float, float] | None) -> None:
+        self._last = (corr, step_wd_um, step_stig)
+
+
 def _clip(v: float, lim: float) -> float:
     return float(min(max(v, -lim), lim))
 
@@ -167,7 +213,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     trace: list[IterationRecord] = []
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
-    gain, last_pred_um, last_step_um = 1.0, None, None
+    scale = _AnswerScale(s, bool(getattr(estimator, "stig_shares_wd_scale", False)))
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
@@ -219,17 +265,19 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                                              step_compute, len(frames)))
                 outcome, message = "uncertain", f"iteration {it}: correction refused ({reason})"
                 break
-            if s.learn_gain and last_step_um is not None and abs(last_step_um) >= s.gain_min_step_m * 1e6:
-                # pred = g * true: pred_now = pred_before - g * step  =>  g = (pred_before - pred_now) / step
-                g = (last_pred_um - corr.wd_um) / last_step_um
-                gain = float(min(max(g, s.gain_limits[0]), s.gain_limits[1]))
+            scale.learn(corr, wd_only)
+            gain = scale.gain
             dwd = _clip(corr.wd_um / gain * 1e-6, s.max_step_wd_m)
-            # a clipped step says nothing trustworthy about the scale
             unclipped = abs(dwd) >= abs(corr.wd_um / gain * 1e-6) - 1e-12
-            last_pred_um, last_step_um = corr.wd_um, (dwd * 1e6 if unclipped else None)
-            dsx = _clip(corr.stig_x, s.max_step_stig) if s.correct_stig else 0.0
-            dsy = _clip(corr.stig_y, s.max_step_stig) if s.correct_stig else 0.0
-            clipped = not unclipped or (dsx, dsy) != (corr.stig_x, corr.stig_y)
+            g_stig = gain if scale.stig_shares else 1.0
+            sx, sy = corr.stig_x / g_stig, corr.stig_y / g_stig
+            dsx = _clip(sx, s.max_step_stig) if s.correct_stig else 0.0
+            dsy = _clip(sy, s.max_step_stig) if s.correct_stig else 0.0
+            stig_unclipped = (dsx, dsy) == (sx, sy)
+            clipped = not unclipped or not stig_unclipped
+            # a clipped step says nothing trustworthy about the scale
+            scale.remember(corr, dwd * 1e6 if unclipped else None,
+                           (dsx, dsy) if s.correct_stig and stig_unclipped and not wd_only else None)
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
             if abs(new_wd - start_wd) > s.max_total_wd_m:
                 raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "

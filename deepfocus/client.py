@@ -263,6 +263,7 @@ class RemoteEstimator(Estimator):
         self.options = dict(options or {})
         self._perturbation_m = perturbation_m
         self._perturbation_range_m: tuple[float, float] | None = None
+        self._stig_shares_wd_scale: bool | None = None
 
     @property  # type: ignore[override]
     def perturbation_m(self) -> float:
@@ -283,6 +284,14 @@ class RemoteEstimator(Estimator):
             value = self.client.hello().get("perturbation_range_m")
             self._perturbation_range_m = (float(value[0]), float(value[1])) if value else (0.0, float("inf"))
         return self._perturbation_range_m
+
+    @property  # type: ignore[override]
+    def stig_shares_wd_scale(self) -> bool:
+        """Whether the daemon's active model scales its stigmator answers with its wd answers (no, from a daemon
+        that does not say)."""
+        if self._stig_shares_wd_scale is None:
+            self._stig_shares_wd_scale = bool(self.client.hello().get("stig_shares_wd_scale"))
+        return self._stig_shares_wd_scale
 
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:

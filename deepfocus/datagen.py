@@ -79,6 +79,12 @@ class GenConfig:
     # share of augmented copies whose two frames also pass through one common linear filter (``video_filter``):
     # 0 (the default) draws nothing, which keeps the seeded stream of the runs made before this key
     video_filter_fraction: float = 0.0
+    # > 1: the augmented copies' features are computed for an aperture angle believed wrong by a factor drawn
+    # log-uniform within 1 / f .. f (copy 0 keeps the true angle). A wrong angle makes the pair look like one at
+    # another perturbation, which the map shows (the two frames' blurs no longer differ by the trained amount), so
+    # the model learns to answer true to scale where the angle is known only roughly. 1 (the default) draws
+    # nothing, which keeps the seeded stream of the runs made before this key.
+    aperture_error_factor: float = 1.0
 
 
 def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> list[str]:
@@ -275,7 +281,7 @@ def generate_shard(path: Path, specimens: list[SpecimenSpec], n_groups: int, cfg
         for c in range(copies):
             x = _copy(pairs, c, rng, cfg)
             with torch.no_grad():
-                f = front(torch.from_numpy(x.reshape(-1, 2, PATCH_PX, PATCH_PX)), p_nm)
+                f = front(torch.from_numpy(x.reshape(-1, 2, PATCH_PX, PATCH_PX)), _believed_pixel_nm(p_nm, c, rng, cfg))
             feats.append(f.numpy().reshape(k, 4, *f.shape[1:]).astype(np.float16))
             targs.append(targets)
             meta.append(np.full(k, spec_i, np.int16))
@@ -301,6 +307,14 @@ def _copy(groups: np.ndarray, c: int, rng: np.random.Generator, cfg: GenConfig) 
     return _filter_some(x, rng, cfg.video_filter_fraction) if cfg.video_filter_fraction > 0 else x
 
 
+def _believed_pixel_nm(p_eff: float, c: int, rng: np.random.Generator, cfg: GenConfig) -> float:
+    """Pixel size the front end gets for copy ``c`` when the aperture angle is believed wrong by a drawn factor m
+    (``cfg.aperture_error_factor``): p * alpha_ref / (alpha / m). Copy 0 and the default draw nothing."""
+    if c == 0 or cfg.aperture_error_factor <= 1.0:
+        return p_eff
+    return p_eff * math.exp(rng.uniform(-1.0, 1.0) * math.log(cfg.aperture_error_factor))
+
+
 def features_from_pair_shard(src: Path, dst: Path, cfg: GenConfig, seed: int, copies: int = 2) -> None:
     """Spectral-feature shard ``dst`` from a raw pair shard ``src`` (``generate_pair_shard``) without rendering
     again: copy 0 as rendered, the others augmented (``augment``, then ``video_filter`` on a share
@@ -323,8 +337,9 @@ def features_from_pair_shard(src: Path, dst: Path, cfg: GenConfig, seed: int, co
         p_eff = effective_pixel_size_nm(float(p_nm[i]), float(alpha[i]), cfg.alpha_ref_mrad)
         for c in range(copies):
             x = _copy(group, c, rng, cfg)
+            p_believed = _believed_pixel_nm(p_eff, c, rng, cfg)
             with torch.no_grad():
-                f = front(torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 2, *x.shape[-2:]))), p_eff)
+                f = front(torch.from_numpy(np.ascontiguousarray(x.reshape(-1, 2, *x.shape[-2:]))), p_believed)
             feats[c, i] = f.numpy().astype(np.float16)
     tmp = Path(dst).with_suffix(".tmp.npz")
     np.savez(tmp, features=feats.reshape(copies * n, 4, *feats.shape[3:]), targets=np.tile(targets, (copies, 1)),

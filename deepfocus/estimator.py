@@ -169,6 +169,8 @@ class EstimatorSettings:
 class DeepFocusEstimator(Estimator):
     """CNN (or spectral-network) estimator over N patch pairs."""
 
+    stig_shares_wd_scale = True
+
     def __init__(self, model: torch.nn.Module, meta: dict | None = None, calibration: StigCalibration | None = None,
                  settings: EstimatorSettings | None = None, device: str = "auto", threads: int | None = None,
                  model_id: str = "", aperture_angle_mrad: float | None = None):

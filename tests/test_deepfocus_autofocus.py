@@ -115,6 +115,40 @@ def test_a_consistent_scale_error_is_learned_and_divided_out(small_scope):
     assert (sem.get_wd_m() - wd0) * 1e6 == pytest.approx(10.0 + 3.0 / 0.7, abs=1e-6)
 
 
+class ScaledDeepFocus(Scripted):
+    stig_shares_wd_scale = True
+
+
+def test_the_learned_scale_divides_the_stigmator_steps_of_an_estimator_whose_answers_share_it(small_scope):
+    # both answers 0.7 x the truth (a wrong aperture angle): the second stigmator step is divided by the learned gain
+    sem = small_scope.sem
+    st0 = sem.get_stig()
+    steps = [corr(10.0, 0.7, -0.35), corr(3.0, 0.21, -0.105), corr(0.0)]
+    autofocus(sem, ScaledDeepFocus(steps), AutofocusSettings(max_iterations=3))
+    assert sem.get_stig()[0] - st0[0] == pytest.approx(0.7 + 0.21 / 0.7, abs=1e-9)
+    assert sem.get_stig()[1] - st0[1] == pytest.approx(-0.35 - 0.105 / 0.7, abs=1e-9)
+    # an estimator that does not say so (MAPFoSt) keeps its stigmator steps as answered
+    sem.set_stig(*st0)
+    autofocus(sem, Scripted(steps), AutofocusSettings(max_iterations=3))
+    assert sem.get_stig()[0] - st0[0] == pytest.approx(0.7 + 0.21, abs=1e-9)
+
+
+def test_near_focus_a_stigmator_step_tells_the_scale_the_small_wd_steps_cannot(small_scope):
+    # answers 0.7 x the truth, wd steps below gain_min_step_m: the first stigmator step (1.4 units) tells the scale
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    steps = [corr(0.7, 1.4, 0.0), corr(0.21, 0.42, 0.0), corr(0.0)]
+    res = autofocus(sem, ScaledDeepFocus(steps), AutofocusSettings(max_iterations=3))
+    assert res.trace[1].wd_gain == pytest.approx(0.7)
+    assert sem.get_stig()[0] - st0[0] == pytest.approx(2.0, abs=1e-9)
+    assert (sem.get_wd_m() - wd0) * 1e6 == pytest.approx(0.7 + 0.21 / 0.7, abs=1e-6)
+    # MAPFoSt's stigmator answers do not share the wd scale: nothing learned, nothing divided
+    sem.set_wd_m(wd0)
+    sem.set_stig(*st0)
+    res = autofocus(sem, Scripted(steps), AutofocusSettings(max_iterations=3))
+    assert res.trace[1].wd_gain == 1.0 and sem.get_stig()[0] - st0[0] == pytest.approx(1.82, abs=1e-9)
+
+
 def wd_only(wd_um):
     return Correction(wd_um, 0.0, 0.0, 0.0, 0.0, 0.5, 5.0,
                       extra={"astig_uncertain": True, "reason": "patches disagree on astigmatism: wd only"})

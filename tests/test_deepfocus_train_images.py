@@ -151,6 +151,20 @@ def test_the_twice_the_data_configs_draw_the_shards_they_tell_users_to_link(conf
         assert cfg.pair_data == "deepfocus/runs/pairs_v6/data"
 
 
+def test_the_any_aperture_config_links_validation_shards_of_the_same_recipe_at_the_true_angle():
+    # its header says to link spectral_video.yaml's validation shards, so that log.jsonl compares with v5's: that
+    # holds while everything but the believed-angle draw is that run's
+    from pathlib import Path
+    configs = Path(__file__).resolve().parents[1] / "deepfocus" / "configs"
+    cfg = TrainConfig.load(configs / "spectral_any_aperture.yaml")
+    other = TrainConfig.load(configs / "spectral_video.yaml")
+    for key in ("seed", "groups_per_shard", "val_shards", "copies"):
+        assert getattr(cfg, key) == getattr(other, key), key
+    gen = dict(cfg.gen)
+    assert gen.pop("aperture_error_factor") > 1 and gen == other.gen
+    assert cfg.pair_data == "deepfocus/runs/pairs_v6/data"
+
+
 def test_spectral_shards_are_refused_by_the_image_trainer(tmp_path):
     p = tmp_path / "train_0000.npz"
     np.savez(p, features=np.zeros((2, 4, 3, 20, 12), np.float16), targets=np.zeros((2, 3), np.float32))

@@ -51,3 +51,35 @@ def test_feature_shards_from_pair_shards(tmp_path):
         assert not np.array_equal(d["features"][:n], d["features"][n:])
     with pytest.raises(FileNotFoundError, match="pair shard"):
         datagen.features_from_pair_shard(tmp_path / "missing.npz", dst, cfg, seed=0)
+
+
+def test_a_believed_aperture_angle_off_by_a_drawn_factor_for_augmented_copies_only():
+    cfg = datagen.GenConfig(alpha_ref_mrad=4.0, aperture_error_factor=1.6)
+    rng = np.random.default_rng(0)
+    assert datagen._believed_pixel_nm(8.0, 0, rng, cfg) == 8.0
+    drawn = np.array([datagen._believed_pixel_nm(8.0, 1, rng, cfg) for _ in range(400)])
+    assert drawn.min() >= 8.0 / 1.6 and drawn.max() <= 8.0 * 1.6
+    # log-uniform: as many too large as too small, reaching near both ends
+    assert abs(np.mean(np.log(drawn / 8.0))) < 0.05
+    assert drawn.min() < 8.0 / 1.5 and drawn.max() > 8.0 * 1.5
+    # the default draws nothing, so runs made before the key keep their seeded stream
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert datagen._believed_pixel_nm(8.0, 2, rng_a, datagen.GenConfig()) == 8.0
+    assert rng_a.random() == rng_b.random()
+
+
+def test_feature_shards_with_a_wrong_aperture_angle_keep_the_true_one_in_copy_0(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 2
+    src = tmp_path / "train_0000.npz"
+    np.savez(src, pairs=rng.integers(0, 256, (n, 4, 2, 256, 256), dtype=np.uint8),
+             targets=rng.normal(0, 5, (n, 3)).astype(np.float32), specimen=np.arange(n, dtype=np.int16),
+             pixel_size_nm=np.full(n, 8.0, np.float32), aperture_angle_mrad=np.full(n, 3.0, np.float32))
+    plain, wrong = tmp_path / "plain.npz", tmp_path / "wrong.npz"
+    datagen.features_from_pair_shard(src, plain, datagen.GenConfig(alpha_ref_mrad=4.0), seed=0, copies=2)
+    datagen.features_from_pair_shard(src, wrong, datagen.GenConfig(alpha_ref_mrad=4.0, aperture_error_factor=1.6),
+                                     seed=0, copies=2)
+    with np.load(plain) as p, np.load(wrong) as w:
+        assert np.array_equal(p["features"][:n], w["features"][:n])
+        assert not np.array_equal(p["features"][n:], w["features"][n:])
+        assert np.array_equal(p["targets"], w["targets"])

@@ -75,6 +75,19 @@ def test_the_loop_learns_the_daemons_perturbation_range_and_refuses_outside_it(s
     assert scope.sim.frames_taken == frames0 and est.calls == 0
 
 
+def test_the_client_learns_whether_the_daemons_stigmator_answers_share_the_wd_scale(serve):
+    # the loop divides the stigmator steps by its learned wd gain only for estimators that say so (DeepFocus)
+    est = PowerRatioEstimator()
+    for says in (False, True):
+        est.stig_shares_wd_scale = says
+        srv = serve(est)
+        remote = RemoteEstimator(srv.address, timeout_s=5)
+        try:
+            assert remote.stig_shares_wd_scale is says
+        finally:
+            remote.close()
+
+
 def test_remote_estimate_equals_in_process_estimate(serve):
     est = PowerRatioEstimator()
     srv = serve(est)

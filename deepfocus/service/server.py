@@ -282,6 +282,7 @@ class Server:
             "active_model": name,
             "perturbation_m": getattr(est, "perturbation_m", None),
             "perturbation_range_m": list(getattr(est, "perturbation_range_m", ())) or None,
+            "stig_shares_wd_scale": bool(getattr(est, "stig_shares_wd_scale", False)),
             "score_available": callable(getattr(est, "score", None)),
             "device": self.config.device,
             "pid": os.getpid(),

@@ -8,7 +8,8 @@ same way. Outcomes:
 - ``converged``: the predicted correction fell below tolerance (it is applied).
 - ``iteration_limit``: corrections were confident but never small; the last setting stays.
 - ``uncertain``: the estimator refused or was not sure enough; the start is restored.
-- ``failed``: an error or a correction outside the limits; the start is restored.
+- ``failed``: an error, a correction outside the limits, or stigmator answers near focus that grow from
+  step to step (a stigmator calibration the loop cannot learn); the start is restored.
 - ``aborted``: ``should_abort()`` said so; the start is restored.
 
 An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
@@ -16,6 +17,7 @@ typical far from focus) moves wd only, and the loop goes on: it never converges 
 """
 from __future__ import annotations
 
+import cmath
 import math
 import numbers
 import time
@@ -110,8 +112,9 @@ class IterationRecord:
     dose_e_per_nm2: float          # cumulative
     compute_s: float
     frames: int
-    wd_gain: float = 1.0           # scale of the estimator's answers assumed for this step (learned from wd
-                                   # steps; divides the wd and the stigmator steps)
+    wd_gain: float = 1.0           # scale of the estimator's answers assumed for this step (learned from the
+                                   # loop's own steps; see _AnswerScale)
+    stig_turn_deg: float = 0.0     # turn of its stigmator answers assumed for this step (likewise)
 
 
 @dataclass
@@ -158,41 +161,89 @@ def acquire_pair(sem: SEM, perturbation_m: float) -> tuple[Frame, Frame]:
 
 
 class _AnswerScale:
-    """The estimator's answers over the truth on this microscope and specimen, learned from two consecutive answers
-    around the step the loop applied between them (``AutofocusSettings.learn_gain``).
+    """How the estimator's answers relate to the truth on this microscope and specimen, learned from two consecutive
+    answers around the step the loop applied between them (``AutofocusSettings.learn_gain``).
 
     DeepFocus reads its wd and stigmator answers against the perturbation through the same blur, so a wrong
     aperture angle (or perturbation) scales them alike, about as (alpha_true / alpha_believed)^2: for such an
     estimator the scale divides the stigmator steps too, and a stigmator step tells it where the wd steps are too
     small to. Left undivided, a 1.4x angle error made the stigmators overshoot back and forth near focus (setup_a:
-    0.15 of 20 far starts within the margin after 3 corrections). MAPFoSt's far wd answers are off through its probe
-    model, not by a common scale: its stigmator steps are left alone.
+    0.15 of 20 far starts within the margin after 3 corrections). A stigmator calibration off in angle turns the
+    stigmator answers: as complex numbers answer = r * truth, and one stigmator step gives r, scale and turn.
+    MAPFoSt's far wd answers are off through its probe model, not by a common scale: its stigmator steps are left
+    as answered.
     """
 
     def __init__(self, settings: AutofocusSettings, stig_shares: bool):
         self.s = settings
         self.stig_shares = stig_shares
         self.gain = 1.0
+        self.stig_turn_rad = 0.0
         self._last: tuple[Correction, float | None, tuple[float, float] | None] | None = None
 
     def learn(self, corr: Correction, wd_only: bool) -> None:
         if not self.s.learn_gain or self._last is None:
             return
         before, step_wd_um, step_stig = self._last
+        lo, hi = self.s.gain_limits
+        r = None
+        if self.stig_shares and not wd_only and step_stig is not None \
+                and math.hypot(*step_stig) >= self.s.gain_min_step_stig:
+            # answer_now = r * (truth_before - step) = answer_before - r * step
+            r = complex(before.stig_x - corr.stig_x, before.stig_y - corr.stig_y) / complex(*step_stig)
+            if not lo / 2 <= abs(r) <= 2 * hi:
+                r = None            # far beyond any scale error allowed: a bad answer, not a calibration
         g = None
         if step_wd_um is not None and abs(step_wd_um) >= self.s.gain_min_step_m * 1e6:
             # pred = g * true: pred_now = pred_before - g * step  =>  g = (pred_before - pred_now) / step
             g = (before.wd_um - corr.wd_um) / step_wd_um
-        elif self.stig_shares and not wd_only and step_stig is not None \
-                and math.hypot(*step_stig) >= self.s.gain_min_step_stig:
-            # the same along the stigmator step (a projection: the step is a vector)
-            d = (before.stig_x - corr.stig_x, before.stig_y - corr.stig_y)
-            g = (d[0] * step_stig[0] + d[1] * step_stig[1]) / (step_stig[0] ** 2 + step_stig[1] ** 2)
+        elif r is not None:
+            g = abs(r)
         if g is not None:
-            self.gain = float(min(max(g, self.s.gain_limits[0]), self.s.gain_limits[1]))
+            self.gain = float(min(max(g, lo), hi))
+        if r is not None:
+            self.stig_turn_rad = cmath.phase(r)
+
+    def stig_step(self, corr: Correction) -> tuple[float, float]:
+        """The stigmator step for an answer: divided by the scale and turned back, for estimators that share it."""
+        if not self.stig_shares:
+            return corr.stig_x, corr.stig_y
+        c = complex(corr.stig_x, corr.stig_y) / self.gain * cmath.exp(-1j * self.stig_turn_rad)
+        return c.real, c.imag
 
     def remember(self, corr: Correction, step_wd_um: float | None, step_stig: tuple[float, float] | None) -> None:
         self._last = (corr, step_wd_um, step_stig)
+
+
+class _Divergence:
+    """Whether the loop is driving the stigmators away from their best setting, judged by the estimator's answers.
+
+    A stigmator calibration that the loop cannot learn (a stigmator axis the other way round: a mirror, not a turn)
+    makes every stigmator step add error, and the loop would leave the stigmators there (setup_a, calibration 60
+    degrees off and no turn learned: 2.1 units off after five corrections, from 0.6). Only answers given near focus
+    in wd count (far from focus an estimator may answer less astigmatism than there is, and more once closer), and
+    only growth over two steps in a row beyond a few tolerances (near focus the answers scatter around one).
+    """
+
+    GROWTH = 1.3            # per step, two steps in a row
+    FLOOR = 3.0             # tolerances
+    NEAR_WD_UM = 3.0
+
+    def __init__(self, s: AutofocusSettings):
+        # the bench's negative tolerances never stop the loop: then the profile default sets the scale
+        self.stig_scale = s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig
+        self.answers: list[float] = []
+
+    def add(self, corr: Correction, stig_answered: bool) -> str | None:
+        """Record an answer; a reason when the last two steps both made the stigmator answers grow."""
+        if not stig_answered or abs(corr.wd_um) > self.NEAR_WD_UM:
+            self.answers.clear()
+            return None
+        a = self.answers
+        a.append(math.hypot(corr.stig_x, corr.stig_y) / self.stig_scale)
+        if len(a) >= 3 and a[-1] > self.FLOOR and a[-1] > self.GROWTH * a[-2] and a[-2] > self.GROWTH * a[-3]:
+            return f"diverging: stigmator answers grew {a[-3]:.1f} -> {a[-2]:.1f} -> {a[-1]:.1f} tolerances"
+        return None
 
 
 def _clip(v: float, lim: float) -> float:
@@ -214,6 +265,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
     scale = _AnswerScale(s, bool(getattr(estimator, "stig_shares_wd_scale", False)))
+    divergence = _Divergence(s)
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
@@ -265,12 +317,18 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                                              step_compute, len(frames)))
                 outcome, message = "uncertain", f"iteration {it}: correction refused ({reason})"
                 break
+            diverging = divergence.add(corr, s.correct_stig and not wd_only)
+            if diverging:
+                trace.append(IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose,
+                                             step_compute, len(frames), scale.gain))
+                outcome, message = "failed", (f"iteration {it}: {diverging}; start restored (is the profile's "
+                                              "calibration this microscope's? deepfocus calibrate measures it)")
+                break
             scale.learn(corr, wd_only)
             gain = scale.gain
             dwd = _clip(corr.wd_um / gain * 1e-6, s.max_step_wd_m)
             unclipped = abs(dwd) >= abs(corr.wd_um / gain * 1e-6) - 1e-12
-            g_stig = gain if scale.stig_shares else 1.0
-            sx, sy = corr.stig_x / g_stig, corr.stig_y / g_stig
+            sx, sy = scale.stig_step(corr)
             dsx = _clip(sx, s.max_step_stig) if s.correct_stig else 0.0
             dsy = _clip(sy, s.max_step_stig) if s.correct_stig else 0.0
             stig_unclipped = (dsx, dsy) == (sx, sy)
@@ -286,7 +344,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             if s.correct_stig:
                 sem.set_stig(*new_stig)
             rec = IterationRecord(it, wd, stig, corr.to_dict(), new_wd, new_stig, clipped, elapsed(), dose,
-                                  step_compute, len(frames), gain)
+                                  step_compute, len(frames), gain, math.degrees(scale.stig_turn_rad))
             trace.append(rec)
             if on_iteration is not None:
                 on_iteration(rec)

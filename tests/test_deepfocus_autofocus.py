@@ -1,6 +1,8 @@
 """The closed loop: restores the microscope on failure, refuses uncertain corrections, converges on the simulator."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -147,6 +149,38 @@ def test_near_focus_a_stigmator_step_tells_the_scale_the_small_wd_steps_cannot(s
     sem.set_stig(*st0)
     res = autofocus(sem, Scripted(steps), AutofocusSettings(max_iterations=3))
     assert res.trace[1].wd_gain == 1.0 and sem.get_stig()[0] - st0[0] == pytest.approx(1.82, abs=1e-9)
+
+
+def test_a_stigmator_calibration_off_in_angle_is_learned_from_one_step_and_turned_back(small_scope):
+    # the answers turned 60 degrees from the truth (1, 0): alone the loop would never get closer than it started
+    sem = small_scope.sem
+    st0 = sem.get_stig()
+    c, s60 = 0.5, math.sqrt(3) / 2
+    steps = [corr(0.1, c, s60), corr(0.0, 1.0, 0.0), corr(0.0)]
+    res = autofocus(sem, ScaledDeepFocus(steps), AutofocusSettings(max_iterations=3))
+    assert res.trace[1].stig_turn_deg == pytest.approx(60.0) and res.trace[1].wd_gain == pytest.approx(1.0)
+    assert sem.get_stig()[0] - st0[0] == pytest.approx(1.0, abs=1e-9)
+    assert sem.get_stig()[1] - st0[1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_answers_that_grow_step_after_step_stop_the_loop_and_restore_the_start(small_scope):
+    # a stigmator axis the other way round (a mirror the loop cannot learn): every step adds error
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    steps = [corr(0.5, 0.5, 0.0), corr(0.3, 0.0, 0.8), corr(0.2, -1.2, 0.0), corr(0.1, 0.0, -1.8)]
+    res = autofocus(sem, Scripted(steps), AutofocusSettings(max_iterations=5))
+    assert res.outcome == "failed" and "diverging" in res.message and "calibrat" in res.message
+    assert len(res.trace) == 3 and res.trace[-1].applied_stig == res.trace[-1].stig
+    assert sem.get_wd_m() == wd0 and sem.get_stig() == st0
+
+
+def test_a_first_answer_below_the_truth_far_from_focus_is_not_taken_for_divergence(small_scope):
+    # far from focus an estimator may answer less astigmatism than there is, then more, then converge
+    sem = small_scope.sem
+    steps = [corr(20.0, 0.3, 0.0), corr(5.0, 0.6, 0.0), corr(2.0, 1.5, 0.0), corr(0.2, 0.1, 0.0),
+             corr(0.1, 0.02, 0.0)]
+    res = autofocus(sem, Scripted(steps), AutofocusSettings(max_iterations=5))
+    assert res.outcome == "converged", res.message
 
 
 def wd_only(wd_um):

@@ -64,8 +64,9 @@ class Estimator(ABC):
 
     #: the wd perturbation (m) the estimator wants the pair taken at (+-)
     perturbation_m: float = 5e-6
-    #: whether a scale error of the wd answers scales the stigmator answers alike, so that the closed loop's
-    #: learned wd gain divides both (``autofocus.AutofocusSettings.learn_gain``)
+    #: whether a scale error of the wd answers scales the stigmator answers alike, so that the closed loop may
+    #: learn one scale (and a turn of the stigmator answers) from either and divide it out of both
+    #: (``autofocus.AutofocusSettings.learn_gain``)
     stig_shares_wd_scale: bool = False
 
     @abstractmethod

@@ -82,8 +82,9 @@ class GenConfig:
     # > 1: the augmented copies' features are computed for an aperture angle believed wrong by a factor drawn
     # log-uniform within 1 / f .. f (copy 0 keeps the true angle). A wrong angle makes the pair look like one at
     # another perturbation, which the map shows (the two frames' blurs no longer differ by the trained amount), so
-    # the model learns to answer true to scale where the angle is known only roughly. 1 (the default) draws
-    # nothing, which keeps the seeded stream of the runs made before this key.
+    # a model can learn to answer true to scale where the angle is known only roughly: far from focus it does, near
+    # focus it cannot (models/README.md, "An aperture angle nobody measured"). 1 (the default) draws nothing,
+    # which keeps the seeded stream of the runs made before this key.
     aperture_error_factor: float = 1.0
 
 

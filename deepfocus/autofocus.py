@@ -385,5 +385,8 @@ def summarise(result: AutofocusResult) -> list[dict[str, Any]]:
                      "stig": [round(v, 4) for v in r.stig], "status": c["status"],
                      "corr_wd_um": round(c["wd_um"], 3), "corr_stig": [round(c["stig_x"], 4), round(c["stig_y"], 4)],
                      "unc_wd_um": None if not np.isfinite(c["uncertainty_wd_um"]) else round(c["uncertainty_wd_um"], 3),
+                     # the scale and turn the loop learned: far from 1 and 0, the profile's calibration is not
+                     # this microscope's (deepfocus calibrate)
+                     "gain": round(r.wd_gain, 3), "stig_turn_deg": round(r.stig_turn_deg, 1),
                      "elapsed_s": round(r.elapsed_s, 3), "dose_e_per_nm2": round(r.dose_e_per_nm2, 2)})
     return rows

@@ -260,5 +260,7 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
           "--dwell-ns", "50", "--frame-px", "512", "512", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert len(out["iterations"]) == 1 and out["images_taken"] == 2
+    # a first iteration has nothing to learn from yet: the profile's calibration is taken as it is
+    assert out["iterations"][0]["gain"] == 1.0 and out["iterations"][0]["stig_turn_deg"] == 0.0
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err

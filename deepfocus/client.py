@@ -262,14 +262,19 @@ class RemoteEstimator(Estimator):
         self.address = self.client.address
         self.options = dict(options or {})
         self._perturbation_m = perturbation_m
-        self._perturbation_range_m: tuple[float, float] | None = None
-        self._stig_shares_wd_scale: bool | None = None
+        self._hello: dict[str, Any] | None = None
+
+    def _described(self) -> dict[str, Any]:
+        """The daemon's ``hello`` (its active model's pair offsets and answers), asked once and remembered."""
+        if self._hello is None:
+            self._hello = self.client.hello()
+        return self._hello
 
     @property  # type: ignore[override]
     def perturbation_m(self) -> float:
-        """The pair offset the daemon's active model expects, asked once and remembered."""
+        """The pair offset the daemon's active model expects (unless set here)."""
         if self._perturbation_m is None:
-            value = self.client.hello().get("perturbation_m")
+            value = self._described().get("perturbation_m")
             self._perturbation_m = float(value) if value else Estimator.perturbation_m
         return self._perturbation_m
 
@@ -280,18 +285,14 @@ class RemoteEstimator(Estimator):
     @property
     def perturbation_range_m(self) -> tuple[float, float]:
         """The pair offsets the daemon's active model answers (any, from a daemon that does not say)."""
-        if self._perturbation_range_m is None:
-            value = self.client.hello().get("perturbation_range_m")
-            self._perturbation_range_m = (float(value[0]), float(value[1])) if value else (0.0, float("inf"))
-        return self._perturbation_range_m
+        value = self._described().get("perturbation_range_m")
+        return (float(value[0]), float(value[1])) if value else (0.0, float("inf"))
 
     @property  # type: ignore[override]
     def stig_shares_wd_scale(self) -> bool:
         """Whether the daemon's active model scales its stigmator answers with its wd answers (no, from a daemon
         that does not say)."""
-        if self._stig_shares_wd_scale is None:
-            self._stig_shares_wd_scale = bool(self.client.hello().get("stig_shares_wd_scale"))
-        return self._stig_shares_wd_scale
+        return bool(self._described().get("stig_shares_wd_scale"))
 
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:

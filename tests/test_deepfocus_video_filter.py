@@ -34,13 +34,19 @@ def test_video_filter_treats_both_frames_of_a_pair_alike():
         assert out.std() < 0.95 * frame.std()
 
 
-def test_feature_shards_from_pair_shards(tmp_path):
-    rng = np.random.default_rng(1)
-    n = 3
+def _pair_shard(tmp_path, n: int, seed: int):
+    """A raw pair shard of ``n`` random groups (8 nm pixels, 3 mrad), as an image-model run writes them."""
+    rng = np.random.default_rng(seed)
     src = tmp_path / "train_0000.npz"
     np.savez(src, pairs=rng.integers(0, 256, (n, 4, 2, 256, 256), dtype=np.uint8),
              targets=rng.normal(0, 5, (n, 3)).astype(np.float32), specimen=np.arange(n, dtype=np.int16),
              pixel_size_nm=np.full(n, 8.0, np.float32), aperture_angle_mrad=np.full(n, 3.0, np.float32))
+    return src
+
+
+def test_feature_shards_from_pair_shards(tmp_path):
+    n = 3
+    src = _pair_shard(tmp_path, n, seed=1)
     dst = tmp_path / "out.npz"
     cfg = datagen.GenConfig(alpha_ref_mrad=4.0, video_filter_fraction=1.0)
     datagen.features_from_pair_shard(src, dst, cfg, seed=0, copies=2)
@@ -69,12 +75,8 @@ def test_a_believed_aperture_angle_off_by_a_drawn_factor_for_augmented_copies_on
 
 
 def test_feature_shards_with_a_wrong_aperture_angle_keep_the_true_one_in_copy_0(tmp_path):
-    rng = np.random.default_rng(2)
     n = 2
-    src = tmp_path / "train_0000.npz"
-    np.savez(src, pairs=rng.integers(0, 256, (n, 4, 2, 256, 256), dtype=np.uint8),
-             targets=rng.normal(0, 5, (n, 3)).astype(np.float32), specimen=np.arange(n, dtype=np.int16),
-             pixel_size_nm=np.full(n, 8.0, np.float32), aperture_angle_mrad=np.full(n, 3.0, np.float32))
+    src = _pair_shard(tmp_path, n, seed=2)
     plain, wrong = tmp_path / "plain.npz", tmp_path / "wrong.npz"
     datagen.features_from_pair_shard(src, plain, datagen.GenConfig(alpha_ref_mrad=4.0), seed=0, copies=2)
     datagen.features_from_pair_shard(src, wrong, datagen.GenConfig(alpha_ref_mrad=4.0, aperture_error_factor=1.6),

@@ -163,6 +163,51 @@ def test_a_stigmator_calibration_off_in_angle_is_learned_from_one_step_and_turne
     assert sem.get_stig()[1] - st0[1] == pytest.approx(0.0, abs=1e-9)
 
 
+class Oracle(Estimator):
+    """Answers the simulator's true correction through a stigmator map (a 2 x 2 matrix on (x, y)), plus noise."""
+    stig_shares_wd_scale = True
+
+    def __init__(self, scope, stig_map, noise=0.0, seed=0):
+        self.scope, self.map, self.noise = scope, np.asarray(stig_map, float), noise
+        self.rng = np.random.default_rng(seed)
+
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None):
+        sem, sim = self.scope.sem, self.scope.sim
+        truth = np.asarray(sim.true_stig()) - np.asarray(sem.get_stig())
+        sx, sy = self.map @ truth + self.noise * self.rng.standard_normal(2)
+        return corr((sim.true_wd_m() - sem.get_wd_m()) * 1e6, sx, sy)
+
+
+def _start(scope, stig_off):
+    sem, sim = scope.sem, scope.sim
+    sem.set_wd_m(sim.true_wd_m() + 2e-6)
+    sem.set_stig(*(np.asarray(sim.true_stig()) + stig_off))
+
+
+def test_a_stigmator_axis_the_other_way_round_is_learned_from_two_steps_and_mirrored_back(small_scope):
+    # stigmator y the other way round: each step alone doubles the y error, and no turn undoes a mirror
+    _start(small_scope, (1.0, 1.0))
+    res = autofocus(small_scope.sem, Oracle(small_scope, [[1, 0], [0, -1]]),
+                    AutofocusSettings(max_iterations=5, tol_stig=0.01))
+    assert res.outcome == "converged", res.message
+    assert [r.stig_map for r in res.trace][:3] == ["turn", "turn", "mirror"]
+    assert res.trace[2].stig_turn_deg == pytest.approx(0.0, abs=1e-6)       # a reflection about the x axis
+    assert np.abs(np.asarray(small_scope.sim.true_stig()) - small_scope.sem.get_stig()).max() < 1e-6
+
+
+@pytest.mark.parametrize("stig_map", [[[1, 0], [0, 0.5]], [[0.3, -0.6], [0.87, 0.5]]],
+                         ids=["y_half_scale", "turned60_x_half_scale"])
+def test_answers_that_scatter_are_never_taken_for_a_mirror(small_scope, stig_map):
+    # stigmator axes of unequal scale (neither a turn nor a mirror) change the steps' direction from step to step,
+    # and single answers on noisy frames scatter: neither may pass for a mirror
+    for seed in range(10):
+        _start(small_scope, (2.0, -2.0))
+        res = autofocus(small_scope.sem, Oracle(small_scope, stig_map, noise=0.06, seed=seed),
+                        AutofocusSettings(max_iterations=5, tol_wd_m=-1.0, tol_stig=-1.0))
+        assert all(r.stig_map != "mirror" for r in res.trace), seed
+        assert np.abs(np.asarray(small_scope.sim.true_stig()) - small_scope.sem.get_stig()).max() < 0.5, seed
+
+
 def test_answers_that_grow_step_after_step_stop_the_loop_and_restore_the_start(small_scope):
     # a stigmator axis the other way round (a mirror the loop cannot learn): every step adds error
     sem = small_scope.sem
@@ -262,5 +307,6 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
     assert len(out["iterations"]) == 1 and out["images_taken"] == 2
     # a first iteration has nothing to learn from yet: the profile's calibration is taken as it is
     assert out["iterations"][0]["gain"] == 1.0 and out["iterations"][0]["stig_turn_deg"] == 0.0
+    assert out["iterations"][0]["stig_map"] == "turn"
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err

@@ -68,6 +68,8 @@ class AutofocusSettings:
     # model rather than by a scale, set gains that cost it a correction from the corners (0.91 instead of 0.97
     # within the margin after three).
     gain_limits: tuple[float, float] = (0.6, 1.6)
+    # near focus, average each stigmator answer with what the earlier ones said is left (see _StigFusion)
+    fuse_stig: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
@@ -284,6 +286,49 @@ class _StigMap:
         return (p.conjugate() * answer - q * answer.conjugate()) / (abs(p) ** 2 - abs(q) ** 2)
 
 
+class _StigFusion:
+    """Near focus, a stigmator answer is mostly noise around a small truth, and the step it asks for adds that
+    noise to the setting. The answers before it, less the steps applied since, estimate the same truth with
+    noise of their own: the loop steps by the variance-weighted mean of both (a Kalman filter on the correction
+    still needed). An answer's variance is its patches' spread squared over their number (the estimator's
+    ``uncertainty_stig``; measured on setup_b at 100 ns near focus: spread 0.23 units over 8 patches, answers
+    scattering 0.08 from pair to pair). A step adds ``MODEL_ERROR`` of itself to the variance (the truth may
+    differ from a step by a scale or turn not yet learned), so after a large step the next answer counts almost
+    alone. Far from focus (wd answer beyond ``NEAR_WD_UM``), when the learned map changes, and for estimators
+    that report no spread over two or more patches (MAPFoSt) the filter starts again from the answer.
+    """
+
+    MODEL_ERROR = 0.2
+    NEAR_WD_UM = 3.0
+
+    def __init__(self) -> None:
+        self.est: complex | None = None
+        self.var = 0.0
+        self.key: tuple | None = None
+
+    def step(self, corr: Correction, mapped: tuple[float, float], gain: float, key: tuple) -> tuple[float, float]:
+        m = complex(*mapped)
+        var = (corr.uncertainty_stig / gain) ** 2 / max(corr.n_patches, 1)
+        spread_known = corr.n_patches >= 2 and math.isfinite(var) and var > 0
+        if not spread_known or abs(corr.wd_um) > self.NEAR_WD_UM or key != self.key:
+            self.est = None
+        self.key = key
+        if self.est is None:
+            self.est, self.var = m, var
+        else:
+            k = self.var / (self.var + var)
+            self.est, self.var = self.est + k * (m - self.est), (1 - k) * self.var
+        return self.est.real, self.est.imag
+
+    def applied(self, step: tuple[float, float]) -> None:
+        if self.est is not None:
+            self.est -= complex(*step)
+            self.var += (self.MODEL_ERROR * abs(complex(*step))) ** 2
+
+    def reset(self) -> None:
+        self.est = None
+
+
 class _Divergence:
     """Whether the loop is driving the stigmators away from their best setting, judged by the estimator's answers.
 
@@ -338,6 +383,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     outcome, message = "iteration_limit", ""
     scale = _AnswerScale(s, bool(getattr(estimator, "stig_shares_wd_scale", False)))
     divergence = _Divergence(s)
+    fusion = _StigFusion()
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
@@ -404,6 +450,10 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             dwd = _clip(corr.wd_um / gain * 1e-6, s.max_step_wd_m)
             unclipped = abs(dwd) >= abs(corr.wd_um / gain * 1e-6) - 1e-12
             sx, sy = scale.stig_step(corr)
+            if s.fuse_stig and s.correct_stig and not wd_only:
+                sx, sy = fusion.step(corr, (sx, sy), gain, (scale.stig.kind, scale.stig.p, gain))
+            else:
+                fusion.reset()
             dsx = _clip(sx, s.max_step_stig) if s.correct_stig else 0.0
             dsy = _clip(sy, s.max_step_stig) if s.correct_stig else 0.0
             stig_unclipped = (dsx, dsy) == (sx, sy)
@@ -411,6 +461,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             # a clipped step says nothing trustworthy about the scale
             scale.remember(corr, dwd * 1e6 if unclipped else None,
                            (dsx, dsy) if s.correct_stig and stig_unclipped and not wd_only else None)
+            fusion.applied((dsx, dsy))
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
             if abs(new_wd - start_wd) > s.max_total_wd_m:
                 raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "

@@ -29,7 +29,7 @@ from hardware.config import AutofocusConfig
 from hardware.sem import SEM, Frame, ScanSettings
 
 from .correction import Correction, Estimator, answers_perturbation
-from .steps import StepPlanner, StigmatorsDiverging
+from .steps import StepPlanner, StepSettings, StigmatorsDiverging
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 
@@ -56,20 +56,13 @@ class AutofocusSettings:
     scan: ScanSettings | None = None       # scan for the focus frames (restored afterwards)
     restore_on_failure: bool = True
     correct_stig: bool = True
-    # The loop knows the wd step it applied, so the ratio of two consecutive predictions reveals
-    # the estimator's scale error on this microscope and specimen: divide it out of every later step.
-    learn_gain: bool = True
-    gain_min_step_m: float = 2e-6          # only steps this large say anything about the scale
-    # near focus the wd steps are too small to tell the scale; a stigmator step this large (units) tells it for an
-    # estimator whose stigmator answers share the wd answers' scale (``Estimator.stig_shares_wd_scale``)
-    gain_min_step_stig: float = 0.3
-    # An aperture angle off by up to about 1.25x either way (answers scale about as its square) is taken out at
-    # once, a larger error in steps. Wider limits (0.45, 2.2) let MAPFoSt's far answers, off through its probe
-    # model rather than by a scale, set gains that cost it a correction from the corners (0.91 instead of 0.97
-    # within the margin after three).
-    gain_limits: tuple[float, float] = (0.6, 1.6)
-    # near focus, average each stigmator answer with what the earlier ones said is left (see steps._StigFusion)
-    fuse_stig: bool = True
+    # how answers become steps (learning their scale and stigmator map, weighing them near focus): see
+    # steps.StepSettings, whose defaults these are
+    learn_gain: bool = StepSettings.learn_gain
+    gain_min_step_m: float = StepSettings.gain_min_step_m
+    gain_min_step_stig: float = StepSettings.gain_min_step_stig
+    gain_limits: tuple[float, float] = StepSettings.gain_limits
+    fuse_stig: bool = StepSettings.fuse_stig
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
@@ -179,7 +172,9 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     trace: list[IterationRecord] = []
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
-    planner = StepPlanner(s, bool(getattr(estimator, "stig_shares_wd_scale", False)))
+    # the bench's negative tolerances never stop the loop: then the profile default is the guards' unit
+    planner = StepPlanner(s, bool(getattr(estimator, "stig_shares_wd_scale", False)),
+                          s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope

@@ -1,7 +1,10 @@
 """DeepFocus as an autofocus method of SBEMimage (or any software with its SEM API).
 
 Dependency-light on purpose: numpy, pyzmq, and tifffile or Pillow to read the
-frames the microscope saved. The models run in the DeepFocus daemon, not here.
+frames the microscope saved. The models run in the DeepFocus daemon, not here;
+how their answers become steps (the learned scale and stigmator map, the stigmator
+answers weighed near focus, the guard against growing ones) is the closed loop's
+own (``deepfocus.steps.StepPlanner``).
 
 The SEM object needs SBEMimage's SEM methods::
 
@@ -26,13 +29,14 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
+from .steps import StepPlanner, StepSettings, StigmatorsDiverging
 
 
 class SBEMimageSEM(Protocol):
@@ -174,6 +178,8 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
     result = DeepFocusResult(ok=False, message="", wd_m=start_wd, stig_xy=start_stig,  # type: ignore[arg-type]
                              start_wd_m=start_wd, start_stig_xy=start_stig)  # type: ignore[arg-type]
     try:
+        # before any frame: the daemon is there, and says whether its answers share one scale
+        planner = _planner(client, st)
         sem.apply_frame_settings(st.frame_size_selector, st.pixel_size_nm, st.dwell_time_us)
         wd, stig = start_wd, start_stig
         for it in range(1, st.max_iterations + 1):
@@ -186,7 +192,16 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
             except RemoteError as exc:
                 raise AutofocusAbort(f"daemon rejected the image pair: {exc}") from exc
             d_wd_m, d_sx, d_sy = _masked_correction(corr, st.aberr_mode)
-            new_wd, new_stig = wd + d_wd_m, (stig[0] + d_sx, stig[1] + d_sy)
+            try:
+                step = planner.plan(corr)
+            except StigmatorsDiverging as exc:
+                raise AutofocusAbort(f"iteration {it}: {exc} (is the daemon profile's stigmator "
+                                     "calibration this microscope's? deepfocus calibrate measures it).") from exc
+            on_wd, on_x, on_y = st.aberr_mode
+            step = replace(step, wd_m=step.wd_m if on_wd else 0.0,
+                           stig=(step.stig[0] if on_x else 0.0, step.stig[1] if on_y else 0.0))
+            planner.taken(step)
+            new_wd, new_stig = wd + step.wd_m, (stig[0] + step.stig[0], stig[1] + step.stig[1])
             _check_within_limits(new_wd, new_stig, start_wd, start_stig, st, it)
             sem.set_wd(new_wd)
             sem.set_stig_xy(*new_stig)
@@ -242,6 +257,20 @@ def _acquire_pair(sem: SBEMimageSEM, wd: float, st: DeepFocusSettings, workdir: 
         raise AutofocusAbort(f"the two frames differ in size: {images[0].shape} vs "
                              f"{images[1].shape}.")
     return images[0], images[1]
+
+
+def _planner(client: DeepFocusClient, st: DeepFocusSettings) -> StepPlanner:
+    try:
+        hello = client.hello()
+    except DaemonUnavailable as exc:
+        raise AutofocusAbort(str(exc)) from exc
+    except RemoteError:
+        hello = {}                  # a daemon that does not describe its answers: none learned from stigmators
+    max_wd, max_sx, max_sy = st.max_wd_stig_diff
+    # steps are not clipped here: one beyond max_wd_stig_diff ends the run instead (_check_within_limits)
+    settings = StepSettings(max_step_wd_m=max(2 * max_wd, 1e-9), max_step_stig=max(2 * max_sx, 2 * max_sy, 1e-9),
+                            correct_stig=bool(st.aberr_mode[1] or st.aberr_mode[2]))
+    return StepPlanner(settings, bool(hello.get("stig_shares_wd_scale")), st.stig_tolerance)
 
 
 def _masked_correction(corr: Any, mode: Sequence[bool]) -> tuple[float, float, float]:

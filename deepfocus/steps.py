@@ -10,24 +10,38 @@ from __future__ import annotations
 import cmath
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hardware.config import AutofocusConfig
-
 from .correction import Correction
 
-if TYPE_CHECKING:
-    from .autofocus import AutofocusSettings
 
-# the loop's defaults are the profile section's, stated once there
-_PROFILE_DEFAULTS = AutofocusConfig()
+@dataclass
+class StepSettings:
+    """How a loop turns answers into steps. ``AutofocusSettings`` has these fields too, with these defaults; a loop
+    that runs elsewhere (the SBEMimage plug-in, which needs no more than numpy here) makes one of these."""
+    max_step_wd_m: float                   # each step is clipped to these
+    max_step_stig: float
+    correct_stig: bool = True
+    # The loop knows the wd step it applied, so the ratio of two consecutive predictions reveals
+    # the estimator's scale error on this microscope and specimen: divide it out of every later step.
+    learn_gain: bool = True
+    gain_min_step_m: float = 2e-6          # only steps this large say anything about the scale
+    # near focus the wd steps are too small to tell the scale; a stigmator step this large (units) tells it for an
+    # estimator whose stigmator answers share the wd answers' scale (``Estimator.stig_shares_wd_scale``)
+    gain_min_step_stig: float = 0.3
+    # An aperture angle off by up to about 1.25x either way (answers scale about as its square) is taken out at
+    # once, a larger error in steps. Wider limits (0.45, 2.2) let MAPFoSt's far answers, off through its probe
+    # model rather than by a scale, set gains that cost it a correction from the corners (0.91 instead of 0.97
+    # within the margin after three).
+    gain_limits: tuple[float, float] = (0.6, 1.6)
+    # near focus, average each stigmator answer with what the earlier ones said is left (see _StigFusion)
+    fuse_stig: bool = True
 
 
 class _AnswerScale:
     """How the estimator's answers relate to the truth on this microscope and specimen, learned from two consecutive
-    answers around the step the loop applied between them (``AutofocusSettings.learn_gain``).
+    answers around the step the loop applied between them (``StepSettings.learn_gain``).
 
     DeepFocus reads its wd and stigmator answers against the perturbation through the same blur, so a wrong
     aperture angle (or perturbation) scales them alike, about as (alpha_true / alpha_believed)^2: for such an
@@ -39,11 +53,11 @@ class _AnswerScale:
     are left as answered.
     """
 
-    def __init__(self, settings: AutofocusSettings, stig_shares: bool):
+    def __init__(self, settings: StepSettings, stig_shares: bool, stig_unit: float):
         self.s = settings
         self.stig_shares = stig_shares
         self.gain = 1.0
-        self.stig = _StigMap(settings.tol_stig if settings.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
+        self.stig = _StigMap(stig_unit)
         self._last: tuple[Correction, float | None, tuple[float, float] | None] | None = None
 
     def learn(self, corr: Correction, wd_only: bool) -> None:
@@ -212,9 +226,8 @@ class _Divergence:
     FLOOR = 3.0             # tolerances
     NEAR_WD_UM = 3.0
 
-    def __init__(self, s: AutofocusSettings):
-        # the bench's negative tolerances never stop the loop: then the profile default sets the scale
-        self.stig_scale = s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig
+    def __init__(self, stig_unit: float):
+        self.stig_scale = stig_unit
         self.answers: list[float] = []
 
     def add(self, corr: Correction, stig_answered: bool) -> str | None:
@@ -257,10 +270,12 @@ class StepPlanner:
     ``plan(answer)``, apply the step (or less of it, a part switched off), then ``taken(step)`` with what was
     applied."""
 
-    def __init__(self, settings: AutofocusSettings, stig_shares_wd_scale: bool):
+    def __init__(self, settings: StepSettings, stig_shares_wd_scale: bool, stig_unit: float):
+        if not (math.isfinite(stig_unit) and stig_unit > 0):
+            raise ValueError(f"stig_unit must be a positive number of stigmator units, got {stig_unit!r}")
         self.s = settings
-        self.scale = _AnswerScale(settings, stig_shares_wd_scale)
-        self.divergence = _Divergence(settings)
+        self.scale = _AnswerScale(settings, stig_shares_wd_scale, stig_unit)
+        self.divergence = _Divergence(stig_unit)
         self.fusion = _StigFusion()
         self._corr: Correction | None = None
 

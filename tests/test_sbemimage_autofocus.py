@@ -152,3 +152,37 @@ def test_settings_from_an_sbemimage_config():
     st = DeepFocusSettings.from_sbemimage_config(cfg)
     assert st.max_wd_stig_diff == (1e-05, 0.5, 0.5) and st.pixel_size_nm == 8.0
     assert st.address == "tcp://127.0.0.1:6001" and st.max_iterations == 5
+
+
+class ScaledAnswers(PowerRatioEstimator):
+    """Answers 0.7 x what the pair shows, wd and stigmators alike (a profile's aperture angle 1.2 x too large)."""
+    stig_shares_wd_scale = True
+
+    def estimate(self, *args, **kw):
+        c = super().estimate(*args, **kw)
+        for key in ("wd_um", "astig_x_um", "astig_y_um", "stig_x", "stig_y"):
+            setattr(c, key, 0.7 * getattr(c, key))
+        return c
+
+
+def test_the_plugin_steps_as_the_closed_loop_does_and_divides_out_the_scale_it_learns():
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
+                 estimator=ScaledAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
+    srv.start_in_thread()
+    try:
+        sem = FakeSBEMimageSEM()
+        sem.wd = sem.true_wd + 8e-6
+        res = run_deepfocus_af(sem, settings_for(srv.address, max_iterations=3, wd_tolerance_um=0.01,
+                                                 stig_tolerance=0.001))
+    finally:
+        srv.stop()
+        srv.join()
+    assert res.ok, res.message
+    first, second = res.iterations[0], res.iterations[1]
+    step1_um = (second.wd_before_m - first.wd_before_m) * 1e6
+    assert step1_um == pytest.approx(first.correction["wd_um"], abs=1e-6)     # nothing learned yet
+    gain = (first.correction["wd_um"] - second.correction["wd_um"]) / step1_um
+    step2_um = (res.iterations[2].wd_before_m - second.wd_before_m) * 1e6
+    assert gain < 0.8
+    # divided by it, within the loop's limits on a learned scale (0.6-1.6)
+    assert step2_um == pytest.approx(second.correction["wd_um"] / max(gain, 0.6), abs=1e-6)

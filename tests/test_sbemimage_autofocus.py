@@ -186,3 +186,13 @@ def test_the_plugin_steps_as_the_closed_loop_does_and_divides_out_the_scale_it_l
     assert gain < 0.8
     # divided by it, within the loop's limits on a learned scale (0.6-1.6)
     assert step2_um == pytest.approx(second.correction["wd_um"] / max(gain, 0.6), abs=1e-6)
+
+
+def test_the_plugin_imports_nothing_sbemimages_environment_lacks():
+    # SBEMimage's Python gets numpy, pyzmq and tifffile; no torch, no YAML, not the hardware layer
+    import subprocess
+    import sys
+    code = ("import sys, deepfocus.sbemimage; "
+            "print(sorted(m for m in ('torch', 'yaml', 'cv2', 'scipy', 'hardware', 'PyQt5') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -196,3 +196,30 @@ def test_the_plugin_imports_nothing_sbemimages_environment_lacks():
             "print(sorted(m for m in ('torch', 'yaml', 'cv2', 'scipy', 'hardware', 'PyQt5') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+class GrowingStigmatorAnswers(PowerRatioEstimator):
+    """Near focus, stigmator answers that grow whatever is done (a map no loop can learn)."""
+    ANSWERS = [(0.5, 0.5, 0.0), (0.3, 0.0, 0.8), (0.2, -1.2, 0.0), (0.1, 0.0, -1.8)]
+
+    def estimate(self, *args, **kw):
+        c = super().estimate(*args, **kw)
+        c.wd_um, c.stig_x, c.stig_y = self.ANSWERS[min(self.calls - 1, len(self.ANSWERS) - 1)]
+        c.status, c.extra = "ok", {}
+        return c
+
+
+def test_stigmator_answers_that_grow_end_the_run_with_an_error_and_the_start_restored():
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
+                 estimator=GrowingStigmatorAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
+    srv.start_in_thread()
+    try:
+        sem = FakeSBEMimageSEM()
+        start = (sem.wd, sem.stig)
+        res = run_deepfocus_af(sem, settings_for(srv.address, max_iterations=5, wd_tolerance_um=0.01,
+                                                 stig_tolerance=0.25))
+    finally:
+        srv.stop()
+        srv.join()
+    assert not res.ok and "ERROR" in res.message and "grew" in res.message and "calibration" in res.message
+    assert len(res.iterations) == 2 and (sem.wd, sem.stig) == start

@@ -229,7 +229,7 @@ def test_near_focus_the_stigmator_steps_average_the_noise_of_successive_answers(
 
 
 def test_answers_that_grow_step_after_step_stop_the_loop_and_restore_the_start(small_scope):
-    # a stigmator axis the other way round (a mirror the loop cannot learn): every step adds error
+    # stigmator answers no map explains (this estimator does not let the loop learn one): every step adds error
     sem = small_scope.sem
     wd0, st0 = sem.get_wd_m(), sem.get_stig()
     steps = [corr(0.5, 0.5, 0.0), corr(0.3, 0.0, 0.8), corr(0.2, -1.2, 0.0), corr(0.1, 0.0, -1.8)]

@@ -66,7 +66,7 @@ class Estimator(ABC):
     perturbation_m: float = 5e-6
     #: whether a scale error of the wd answers scales the stigmator answers alike, so that the closed loop may
     #: learn one scale (and a turn of the stigmator answers) from either and divide it out of both
-    #: (``autofocus.AutofocusSettings.learn_gain``)
+    #: (``steps.StepSettings.learn_gain``)
     stig_shares_wd_scale: bool = False
 
     @abstractmethod

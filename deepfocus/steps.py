@@ -142,23 +142,23 @@ class _StigMap:
         self.pairs = (self.pairs + [(step, change)])[-self.KEEP:]
         s = np.array([pc[0] for pc in self.pairs])
         d = np.array([pc[1] for pc in self.pairs])
+        # least squares for one complex number in each model: a large step's answers weigh more than a small
+        # one's noise
+        norm = float(np.sum(np.abs(s) ** 2))
+        r_turn, r_mirror = complex(np.sum(np.conj(s) * d)) / norm, complex(np.sum(s * d)) / norm
         unit = s / np.abs(s)
         spread = max((abs((a.conjugate() * b).imag) for i, a in enumerate(unit) for b in unit[i + 1:]), default=0.0)
         if spread >= self.MIN_SIN:
-            # least squares for one complex number in each model
-            norm = float(np.sum(np.abs(s) ** 2))
-            miss_turn = float(np.sum(np.abs(d - np.sum(np.conj(s) * d) / norm * s) ** 2))
-            miss_mirror = float(np.sum(np.abs(d - np.sum(s * d) / norm * np.conj(s)) ** 2))
+            miss_turn = float(np.sum(np.abs(d - r_turn * s) ** 2))
+            miss_mirror = float(np.sum(np.abs(d - r_mirror * np.conj(s)) ** 2))
             fits, misses = (len(s) * (k * self.tol) ** 2 for k in (self.FITS, self.MISSES))
             if miss_turn <= fits or miss_turn < self.RATIO * miss_mirror:
                 self.kind = "turn"
             elif miss_turn >= misses and miss_mirror < self.RATIO * miss_turn:
                 self.kind = "mirror"
-        # least squares over the recent steps: a large step's answers weigh more than a small one's noise
-        norm = float(np.sum(np.abs(s) ** 2))
         if self.kind == "mirror":
-            return self._set(0j, complex(np.sum(s * d)) / norm, "mirror")
-        return self._set(complex(np.sum(np.conj(s) * d)) / norm, 0j, "turn")
+            return self._set(0j, r_mirror, "mirror")
+        return self._set(r_turn, 0j, "turn")
 
     def invert(self, answer: complex) -> complex:
         """The truth that gives this answer under the unit-determinant map."""

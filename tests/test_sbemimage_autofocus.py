@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import configparser
+import contextlib
 
 import numpy as np
 import pytest
@@ -70,14 +71,22 @@ class FakeSBEMimageSEM:
         return True
 
 
+@contextlib.contextmanager
+def serving(estimator):
+    """A daemon on a free loopback port answering with ``estimator``; its address."""
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"), estimator=estimator)
+    srv.start_in_thread()
+    try:
+        yield srv.address
+    finally:
+        srv.stop()
+        srv.join()
+
+
 @pytest.fixture(scope="module")
 def daemon():
-    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
-                 estimator=PowerRatioEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
-    srv.start_in_thread()
-    yield srv.address
-    srv.stop()
-    srv.join()
+    with serving(PowerRatioEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        yield address
 
 
 def settings_for(address: str, **kw) -> DeepFocusSettings:
@@ -166,17 +175,11 @@ class ScaledAnswers(PowerRatioEstimator):
 
 
 def test_the_plugin_steps_as_the_closed_loop_does_and_divides_out_the_scale_it_learns():
-    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
-                 estimator=ScaledAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
-    srv.start_in_thread()
-    try:
-        sem = FakeSBEMimageSEM()
-        sem.wd = sem.true_wd + 8e-6
-        res = run_deepfocus_af(sem, settings_for(srv.address, max_iterations=3, wd_tolerance_um=0.01,
+    sem = FakeSBEMimageSEM()
+    sem.wd = sem.true_wd + 8e-6
+    with serving(ScaledAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=3, wd_tolerance_um=0.01,
                                                  stig_tolerance=0.001))
-    finally:
-        srv.stop()
-        srv.join()
     assert res.ok, res.message
     first, second = res.iterations[0], res.iterations[1]
     step1_um = (second.wd_before_m - first.wd_before_m) * 1e6
@@ -210,16 +213,10 @@ class GrowingStigmatorAnswers(PowerRatioEstimator):
 
 
 def test_stigmator_answers_that_grow_end_the_run_with_an_error_and_the_start_restored():
-    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
-                 estimator=GrowingStigmatorAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128))
-    srv.start_in_thread()
-    try:
-        sem = FakeSBEMimageSEM()
-        start = (sem.wd, sem.stig)
-        res = run_deepfocus_af(sem, settings_for(srv.address, max_iterations=5, wd_tolerance_um=0.01,
+    sem = FakeSBEMimageSEM()
+    start = (sem.wd, sem.stig)
+    with serving(GrowingStigmatorAnswers(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, wd_tolerance_um=0.01,
                                                  stig_tolerance=0.25))
-    finally:
-        srv.stop()
-        srv.join()
     assert not res.ok and "ERROR" in res.message and "grew" in res.message and "calibration" in res.message
     assert len(res.iterations) == 2 and (sem.wd, sem.stig) == start

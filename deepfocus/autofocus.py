@@ -14,6 +14,14 @@ same way. Outcomes:
 
 An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
 typical far from focus) moves wd only, and the loop goes on: it never converges on one.
+
+Far beyond the estimator's range (DeepFocus: about 35 um at +-5 um) its patches disagree on wd and the pair is
+refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, where the estimator
+answers it (an aperture-normalised model reads a pair at 3 d as its own pair on a beam three times narrower, so
+its range triples): that answer may spread more (``FAR_SPREAD``), moves wd alone (clipped as any step), and the
+loop goes on at the usual perturbation with nothing learned kept. After a far step taken in full, a pair refused
+again ends the loop as before. Setup_a, 20 starts within +-120 um: 20 instead of 12 within the margin
+(deepfocus/README.md, "Far from focus").
 """
 from __future__ import annotations
 
@@ -32,6 +40,9 @@ from .correction import Correction, Estimator, answers_perturbation
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
+# A far pair's wd answer may spread this share of itself on top of max_uncertainty_wd: the step need only land
+# within the estimator's own range, where the pairs at the usual perturbation take over.
+FAR_SPREAD = 0.2
 
 
 # the loop's defaults are the profile section's, stated once there
@@ -63,6 +74,8 @@ class AutofocusSettings:
     gain_min_step_stig: float = StepSettings.gain_min_step_stig
     gain_limits: tuple[float, float] = StepSettings.gain_limits
     fuse_stig: bool = StepSettings.fuse_stig
+    # far beyond the estimator's range (see the module text); 0: never
+    far_perturbation_factor: float = _PROFILE_DEFAULTS.far_perturbation_factor
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
@@ -77,6 +90,9 @@ class AutofocusSettings:
                 raise ValueError(f"{key} must be a finite number, got {getattr(self, key)!r}")
         if self.perturbation_m is not None and not (math.isfinite(self.perturbation_m) and self.perturbation_m > 0):
             raise ValueError(f"perturbation_m must be a positive number of metres, got {self.perturbation_m!r}")
+        f = self.far_perturbation_factor
+        if not (isinstance(f, numbers.Real) and (f == 0 or 1.5 <= f <= 10)):
+            raise ValueError(f"far_perturbation_factor must be 0 (off) or between 1.5 and 10, got {f!r}")
         lo, hi = self.gain_limits
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"gain_limits must be (low, high) with 0 < low <= 1 <= high, got {self.gain_limits}")
@@ -89,7 +105,8 @@ class AutofocusSettings:
                     tol_stig=config.tol_stig, max_step_wd_m=config.max_step_wd_um * 1e-6,
                     max_step_stig=config.max_step_stig, max_total_wd_m=config.max_total_wd_um * 1e-6,
                     max_uncertainty_wd_m=config.max_uncertainty_wd_um * 1e-6,
-                    max_uncertainty_stig=config.max_uncertainty_stig)
+                    max_uncertainty_stig=config.max_uncertainty_stig,
+                    far_perturbation_factor=config.far_perturbation_factor)
         base.update(changes)
         return cls(**base)
 
@@ -113,6 +130,7 @@ class IterationRecord:
     stig_map: str = "turn"         # what its stigmator answers were taken for (likewise): "turn" (and scale), or
                                    # "mirror" (an axis the other way round: a reflection about the axis at half
                                    # stig_turn_deg)
+    far: bool = False              # the pair was taken at the far perturbation, its wd answer alone stepped on
 
 
 @dataclass
@@ -172,9 +190,13 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     trace: list[IterationRecord] = []
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
-    # the bench's negative tolerances never stop the loop: then the profile default is the guards' unit
-    planner = StepPlanner(s, bool(getattr(estimator, "stig_shares_wd_scale", False)),
-                          s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
+
+    def new_planner() -> StepPlanner:
+        # the bench's negative tolerances never stop the loop: then the profile default is the guards' unit
+        return StepPlanner(s, bool(getattr(estimator, "stig_shares_wd_scale", False)),
+                           s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
+
+    planner = new_planner()
 
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
@@ -188,10 +210,15 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
         return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
                                f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um "
                                "the estimator answers", {"perturbation_m": d})
+    far_d = d * s.far_perturbation_factor
+    can_go_far = far_d > 0 and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
+    pair_d = d
+    far_landed = False      # a far step was taken in full: it put the loop within the estimator's range
     try:
         if s.scan is not None:
             sem.set_scan(s.scan)
         for it in range(1, s.max_iterations + 1):
+            far = pair_d != d
             if should_abort is not None and should_abort():
                 outcome, message = "aborted", "aborted on request"
                 break
@@ -203,29 +230,58 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 frames_n += len(frames)
                 dose += sum(f.dose_e_per_nm2 for f in frames)
             else:
-                minus, plus = acquire_pair(sem, d)
+                minus, plus = acquire_pair(sem, pair_d)
                 frames = [minus, plus]
                 # the dose is spent even if the estimate fails below
                 frames_n += 2
                 dose += minus.dose_e_per_nm2 + plus.dose_e_per_nm2
                 t0 = time.perf_counter()
-                corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
+                corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, pair_d)
                 step_compute = time.perf_counter() - t0
             compute += step_compute
             values = (corr.wd_um, corr.stig_x, corr.stig_y)
             bad = not all(math.isfinite(v) for v in values)
             # a wd-only answer (astigmatism left for later, see the estimator) carries no stigmator step
             wd_only = bool(corr.extra.get("astig_uncertain"))
-            too_unsure = (corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m
-                          or (s.correct_stig and not wd_only and corr.uncertainty_stig > s.max_uncertainty_stig))
+            wd_unsure = bool(corr.extra.get("wd_uncertain")) or (
+                corr.status == "ok" and corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m)
+            if far:
+                too_unsure = corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m + FAR_SPREAD * abs(corr.wd_um) * 1e-6
+            else:
+                too_unsure = wd_unsure or (s.correct_stig and not wd_only
+                                           and corr.uncertainty_stig > s.max_uncertainty_stig)
             if corr.status != "ok" or bad or too_unsure:
                 reason = corr.extra.get("reason") or ("non-finite correction" if bad else
                                                       f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, "
                                                       f"stig {corr.uncertainty_stig:.2f}")
-                trace.append(IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose,
-                                             step_compute, len(frames)))
-                outcome, message = "uncertain", f"iteration {it}: correction refused ({reason})"
+                rec = IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose, step_compute,
+                                      len(frames), far=far)
+                trace.append(rec)
+                if not far and wd_unsure and not bad and can_go_far and not far_landed:
+                    if on_iteration is not None:
+                        on_iteration(rec)
+                    pair_d = far_d
+                    continue
+                far_note = " at the far perturbation" if far else ""
+                outcome, message = "uncertain", f"iteration {it}: correction refused{far_note} ({reason})"
                 break
+            if far:
+                dwd = float(min(max(corr.wd_um * 1e-6, -s.max_step_wd_m), s.max_step_wd_m))
+                if abs(wd + dwd - start_wd) > s.max_total_wd_m:
+                    raise RuntimeError(f"correction would move wd {abs(wd + dwd - start_wd) * 1e6:.1f} um from the "
+                                       f"start (limit {s.max_total_wd_m * 1e6:.0f} um)")
+                sem.set_wd_m(wd + dwd)
+                clipped = abs(dwd) < abs(corr.wd_um) * 1e-6
+                rec = IterationRecord(it, wd, stig, corr.to_dict(), wd + dwd, stig, clipped, elapsed(), dose,
+                                      step_compute, len(frames), far=True)
+                trace.append(rec)
+                if on_iteration is not None:
+                    on_iteration(rec)
+                far_landed = not clipped
+                # what was learned of the answers' scale and map came from pairs taken where the loop no longer is
+                planner = new_planner()
+                pair_d = d
+                continue
             try:
                 step = planner.plan(corr)
             except StigmatorsDiverging as exc:
@@ -286,6 +342,6 @@ def summarise(result: AutofocusResult) -> list[dict[str, Any]]:
                      # the scale and turn the loop learned: far from 1 and 0, or a mirror, the profile's
                      # calibration is not this microscope's (deepfocus calibrate)
                      "gain": round(r.wd_gain, 3), "stig_turn_deg": round(r.stig_turn_deg, 1),
-                     "stig_map": r.stig_map,
+                     "stig_map": r.stig_map, **({"far": True} if r.far else {}),
                      "elapsed_s": round(r.elapsed_s, 3), "dose_e_per_nm2": round(r.dose_e_per_nm2, 2)})
     return rows

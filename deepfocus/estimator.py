@@ -380,6 +380,8 @@ class DeepFocusEstimator(Estimator):
         astig_spread = math.hypot(spread[1], spread[2])
         if spread[0] > s.max_spread_wd_um + 0.2 * abs(mean[0]):
             status = "uncertain"
+            # machine-readable: far from focus a pair at a larger perturbation may still answer (autofocus)
+            extra["wd_uncertain"] = True
             extra["reason"] = f"patches disagree on wd by {spread[0]:.2f} um"
         elif astig_spread > s.max_spread_astig_um + 0.2 * math.hypot(ax, ay):
             # Far from focus the defocus disc dwarfs the astigmatic ellipticity, so the patches agree on wd

@@ -198,6 +198,9 @@ class AutofocusConfig:
     max_total_wd_um: float = 120.0            # never wander further than this from the start
     max_uncertainty_wd_um: float = 4.0        # refuse a correction less certain than this
     max_uncertainty_stig: float = 2.0
+    # a pair refused because its patches disagree on wd (far beyond the estimator's range) is taken again at this
+    # many times the perturbation, and its wd answer stepped on; 0: never
+    far_perturbation_factor: float = 3.0
 
 
 @dataclass
@@ -447,6 +450,9 @@ def _validate_autofocus(cfg: MicroscopeConfig) -> None:
                 "max_uncertainty_wd_um", "max_uncertainty_stig"):
         if not getattr(a, key) > 0:
             raise ConfigError(f"autofocus.{key} must be positive, got {getattr(a, key):g}")
+    f = a.far_perturbation_factor
+    if not (f == 0 or 1.5 <= f <= 10):
+        raise ConfigError(f"autofocus.far_perturbation_factor must be 0 (off) or between 1.5 and 10, got {f:g}")
     # steps the hardware would refuse (or that cross the whole stigmator range) are no limit at all
     if a.max_step_wd_um > cfg.limits.wd_step_um:
         raise ConfigError(f"autofocus.max_step_wd_um = {a.max_step_wd_um:g} exceeds limits.wd_step_um = "

@@ -53,3 +53,24 @@ def test_remote_and_local_estimators_drive_the_same_closed_loop():
     assert remote_run.final_stig == local_run.final_stig
     # and the loop did focus: from 6 um off to within 1.5 um
     assert abs(remote_run.final_wd_m - b.sim.true_wd_m()) < 1.5e-6
+
+
+def test_through_the_daemon_a_pair_far_beyond_the_models_range_is_taken_again_at_the_far_perturbation():
+    # the daemon says which perturbations its model answers, and passes on why it refused a pair
+    from deepfocus.estimator import load_estimator_for
+    m = open_microscope("setup_a")
+    m.sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+    m.sem.set_wd_m(m.sim.true_wd_m() - 90e-6)
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"), estimator=load_estimator_for(m.config, device="cpu"))
+    srv.start_in_thread()
+    remote = RemoteEstimator(srv.address, timeout_s=20, retries=0)
+    try:
+        res = autofocus_mod.autofocus(m.sem, remote, autofocus_mod.AutofocusSettings.from_config(
+            m.config.autofocus, max_iterations=6))
+    finally:
+        remote.close()
+        srv.stop()
+        srv.join()
+    assert res.ok, res.message
+    assert [r.far for r in res.trace][:2] == [False, True]
+    assert abs(res.final_wd_m - m.sim.true_wd_m()) < 1e-6

@@ -56,8 +56,89 @@ def test_uncertain_correction_is_refused_and_the_start_restored(small_scope):
 
 
 def test_too_uncertain_correction_is_refused(small_scope):
-    res = autofocus(small_scope.sem, Scripted([corr(5.0, unc=9.0)]), AutofocusSettings(max_uncertainty_wd_m=4e-6))
+    res = autofocus(small_scope.sem, Scripted([corr(5.0, unc=9.0)]),
+                    AutofocusSettings(max_uncertainty_wd_m=4e-6, far_perturbation_factor=0))
     assert res.outcome == "uncertain" and res.iterations == 1
+
+
+class Perturbations(Scripted):
+    """Scripted, and remembers the perturbation of every pair it was given."""
+
+    def __init__(self, steps, perturbation_range_m=None):
+        super().__init__(steps)
+        self.asked: list[float] = []
+        if perturbation_range_m is not None:
+            self.perturbation_range_m = perturbation_range_m
+
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None):
+        self.asked.append(perturbation_m)
+        return super().estimate(minus, plus, pixel_size_m, perturbation_m)
+
+
+def disagree_on_wd(wd_um=-20.0, spread_um=9.0):
+    """What the estimator answers far beyond its range: patches that disagree on wd."""
+    c = corr(wd_um, 0.5, 0.5, status="uncertain", unc=spread_um)
+    c.extra.update(wd_uncertain=True, reason=f"patches disagree on wd by {spread_um} um")
+    return c
+
+
+def test_a_pair_whose_patches_disagree_on_wd_is_taken_again_at_three_times_the_perturbation(small_scope):
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    est = Perturbations([disagree_on_wd(), corr(-80.0, 1.0, 1.0, unc=10.0), corr(0.1, 0.01, 0.0)])
+    res = autofocus(sem, est, AutofocusSettings(max_step_wd_m=100e-6))
+    assert res.outcome == "converged", res.message
+    assert est.asked == pytest.approx([5e-6, 15e-6, 5e-6])
+    assert [r.far for r in res.trace] == [False, True, False]
+    # the far pair moves wd alone: its astigmatism is read through 80 um of blur
+    assert res.trace[1].applied_wd_m - wd0 == pytest.approx(-80e-6, abs=1e-12)
+    assert res.trace[1].applied_stig == pytest.approx(st0)
+    assert res.images_taken == 6
+
+
+def test_a_far_answer_whose_patches_disagree_too_much_is_refused_and_the_start_restored(small_scope):
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    # 4 um + a fifth of 80 um is allowed: 30 um is not
+    res = autofocus(sem, Perturbations([disagree_on_wd(), corr(-80.0, unc=30.0)]),
+                    AutofocusSettings(max_step_wd_m=100e-6))
+    assert res.outcome == "uncertain" and "far perturbation" in res.message
+    assert (sem.get_wd_m(), sem.get_stig()) == (pytest.approx(wd0, abs=1e-12), pytest.approx(st0))
+
+
+def test_a_far_step_clipped_by_the_step_limit_may_be_followed_by_another(small_scope):
+    sem = small_scope.sem
+    wd0 = sem.get_wd_m()
+    est = Perturbations([disagree_on_wd(), corr(-90.0, unc=10.0), disagree_on_wd(), corr(-50.0, unc=8.0),
+                         corr(-0.1)])
+    res = autofocus(sem, est, AutofocusSettings(max_step_wd_m=40e-6, max_iterations=5))
+    assert res.outcome == "converged", res.message
+    assert [r.far for r in res.trace] == [False, True, False, True, False]
+    assert (sem.get_wd_m() - wd0) * 1e6 == pytest.approx(-80.1, abs=1e-6)
+
+
+def test_once_a_far_step_was_taken_in_full_a_pair_refused_again_ends_the_loop(small_scope):
+    # the far step put the loop within the estimator's range: a refusal there is not about distance
+    sem = small_scope.sem
+    wd0, st0 = sem.get_wd_m(), sem.get_stig()
+    est = Perturbations([disagree_on_wd(), corr(-10.0, unc=1.0), disagree_on_wd()])
+    res = autofocus(sem, est, AutofocusSettings(max_iterations=5))
+    assert res.outcome == "uncertain" and res.iterations == 3 and est.asked == pytest.approx([5e-6, 15e-6, 5e-6])
+    assert (sem.get_wd_m(), sem.get_stig()) == (pytest.approx(wd0, abs=1e-12), pytest.approx(st0))
+
+
+@pytest.mark.parametrize("refused, settings, answers", [
+    # refused for a blank frame, not for wd: a larger perturbation would not help
+    (corr(0.0, status="uncertain", unc=float("inf")), {}, (5e-6, 15e-6)),
+    # switched off
+    (disagree_on_wd(), {"far_perturbation_factor": 0}, (5e-6, 15e-6)),
+    # an estimator that answers its own perturbation alone
+    (disagree_on_wd(), {}, (5e-6, 5e-6)),
+])
+def test_no_far_pair_is_taken_where_it_cannot_help(small_scope, refused, settings, answers):
+    est = Perturbations([refused, corr(-10.0)], perturbation_range_m=answers)
+    res = autofocus(small_scope.sem, est, AutofocusSettings(**settings))
+    assert res.outcome == "uncertain" and est.asked == [5e-6]
 
 
 def test_steps_are_clipped_and_small_corrections_converge(small_scope):
@@ -105,6 +186,23 @@ def test_shipped_model_converges_from_a_moderate_aberration(profile, start_um, s
     res = autofocus(sem, est, AutofocusSettings(max_iterations=4))
     wd_err, stig_err = _truth(scope)
     assert res.ok, res.message
+    assert wd_err < 1.0 and stig_err.max() < 0.25, (wd_err, stig_err, res.trace)
+
+
+@pytest.mark.parametrize("start_um", [90.0, -90.0])
+def test_shipped_model_finds_focus_from_three_times_the_range_it_was_trained_for(start_um):
+    # trained on +-34 um at +-5 um; at 90 um its patches disagree, and the loop takes the pair again at +-15 um
+    from deepfocus.estimator import load_estimator_for
+    scope = open_microscope("setup_a")
+    sem, sim = scope.sem, scope.sim
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+    sem.set_stig(*(np.array(sim.true_stig()) + (1.0, -1.0)))
+    sem.set_wd_m(sim.true_wd_m() + start_um * 1e-6)
+    res = autofocus(sem, load_estimator_for(scope.config, device="cpu"),
+                    AutofocusSettings.from_config(scope.config.autofocus, max_iterations=6))
+    wd_err, stig_err = _truth(scope)
+    assert res.ok, res.message
+    assert any(r.far for r in res.trace)
     assert wd_err < 1.0 and stig_err.max() < 0.25, (wd_err, stig_err, res.trace)
 
 
@@ -286,7 +384,7 @@ def test_settings_default_to_the_profile_section_and_take_a_microscopes_own():
     base = AutofocusSettings.from_config(AutofocusConfig())
     plain = AutofocusSettings()
     for key in ("max_iterations", "tol_wd_m", "tol_stig", "max_step_wd_m", "max_step_stig", "max_total_wd_m",
-                "max_uncertainty_wd_m", "max_uncertainty_stig"):
+                "max_uncertainty_wd_m", "max_uncertainty_stig", "far_perturbation_factor"):
         assert getattr(base, key) == pytest.approx(getattr(plain, key)), key
     own = AutofocusSettings.from_config(load_profile("setup_a", ["autofocus.max_step_stig=3",
                                                                  "autofocus.tol_wd_um=1.5"]).autofocus,
@@ -301,6 +399,7 @@ def test_settings_default_to_the_profile_section_and_take_a_microscopes_own():
     ({"max_iterations": 0}, "max_iterations must be an integer of at least 1"),
     ({"perturbation_m": -5e-6}, "perturbation_m must be a positive number of metres"),
     ({"gain_limits": (1.2, 1.6)}, "gain_limits must be"),
+    ({"far_perturbation_factor": 1.2}, "far_perturbation_factor must be 0"),
 ])
 def test_settings_out_of_range_are_refused_by_name(changes, message):
     with pytest.raises(ValueError, match=message):

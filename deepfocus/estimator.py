@@ -26,7 +26,7 @@ from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
 from .line_offsets import remove_line_offsets_
-from .registration import (MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
+from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -313,7 +313,7 @@ class DeepFocusEstimator(Estimator):
         small = _tiles(a.shape, src) < s.min_patches
         filled = 0
         if not small and valid.sum() < len(offs):
-            x, valid, filled = self._fill_up(a, b, offs, x, valid, patch, nbin, maps)
+            x, valid, filled = self._fill_up(a, b, offs, x, valid, patch, nbin, maps, binned)
         t1 = time.perf_counter()
         need = 1 if small else s.min_patches
         if valid.sum() < need:
@@ -440,27 +440,46 @@ class DeepFocusEstimator(Estimator):
         return self._structure(x) > self.settings.min_structure
 
     def _fill_up(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], x: torch.Tensor,
-                 valid: np.ndarray, patch: int, nbin: int, maps) -> tuple[torch.Tensor, np.ndarray, int]:
+                 valid: np.ndarray, patch: int, nbin: int, maps,
+                 binned: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, np.ndarray, int]:
         """Patches that fell on blank ground (resin, a vessel, wafer milled bare) replaced by patches where the
         frame shows structure, so that part-blank frames are still answered from n_patches patches.
 
-        Candidates are two tilings of the frame (the second shifted by half a patch); a candidate may overlap
-        the patches already kept by at most a quarter of its area, since overlapping crops see the same pixels
-        and would agree whatever the error (see the small-frame note in ``estimate``). Most structured first.
+        Candidates lie on a grid of a quarter patch (``_structure_map``: each scored from the frames binned for
+        registration, at no cost worth the name); where the patch is too small for that map, two tilings of the
+        frame, the second shifted by half a patch. A candidate may overlap the patches already kept by at most a
+        quarter of its area, since overlapping crops see the same pixels and would agree whatever the error (see
+        the small-frame note in ``estimate``). The most structured are cut and tested as the grid's patches are.
         A frame with structure everywhere never gets here and keeps its grid.
         """
         src = patch * nbin
-        half = src // 2
-        # the shifted tiling lies inside the frame less half a patch, so it stays inside the frame
-        shifted = [(y + half, x0 + half) for y, x0 in _tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
         kept = [o for o, v in zip(offs, valid) if v]
 
-        def free(o: tuple[int, int]) -> bool:
+        def free(o: tuple[int, int], others: list[tuple[int, int]]) -> bool:
             return all(max(0, src - abs(o[0] - k[0])) * max(0, src - abs(o[1] - k[1])) <= MAX_PATCH_OVERLAP * src ** 2
-                       for k in kept)
+                       for k in others)
 
-        # only candidates the kept grid patches leave room for are cut and tested
-        cand = [o for o in dict.fromkeys(_tile_offsets(a.shape, src) + shifted) if o not in offs and free(o)]
+        scored = self._structure_map(binned, patch, nbin)
+        if scored is not None:
+            # Half-patch tilings fit a band of tissue narrower than two patches only where the band happens to
+            # lie (three quarters of FlyEM 520 blank: 4 of 20 starts "uncertain", 2 structured patches found);
+            # quarter-patch steps fit it nearly anywhere. Twice the patches missing are cut, as spares.
+            step = (patch // 16) * BIN * nbin          # a quarter patch, in frame pixels
+            score, want, cand = scored, 2 * (len(offs) - len(kept)), []
+            for flat in np.argsort(-score, axis=None):
+                i, j = np.unravel_index(flat, score.shape)
+                if score[i, j] <= self.settings.min_structure or len(cand) >= want:
+                    break
+                o = (int(i) * step, int(j) * step)
+                inside = o[0] + src <= a.shape[0] and o[1] + src <= a.shape[1]
+                if inside and o not in offs and free(o, kept + cand):
+                    cand.append(o)
+        else:
+            half = src // 2
+            # the shifted tiling lies inside the frame less half a patch, so it stays inside the frame
+            shifted = [(y + half, x0 + half) for y, x0 in _tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
+            # only candidates the kept grid patches leave room for are cut and tested
+            cand = [o for o in dict.fromkeys(_tile_offsets(a.shape, src) + shifted) if o not in offs and free(o, kept)]
         if not cand:
             return x, valid, 0
         xc, _ = self._cut(a, b, cand, patch, nbin, maps)
@@ -469,13 +488,35 @@ class DeepFocusEstimator(Estimator):
         for i in np.argsort(-sc):
             if sc[i] <= self.settings.min_structure or len(kept) >= len(offs):
                 break
-            if free(cand[i]):
+            if free(cand[i], kept):
                 kept.append(cand[i])
                 added.append(int(i))
         if not added:
             return x, valid, 0
         x = torch.cat([x[torch.from_numpy(valid)], xc[added]])
         return x, np.ones(len(x), bool), len(added)
+
+    def _structure_map(self, binned: tuple[np.ndarray, np.ndarray], patch: int, nbin: int) -> np.ndarray | None:
+        """For patches of ``patch`` model pixels (``patch * nbin`` frame pixels) at every quarter-patch step of the
+        frame, the least structure ratio of their quadrants in both frames, as ``_structure`` measures it, read
+        from the frames binned for registration ([i, j]: the patch at (i, j) quarter patches); None where the
+        patch is too small for quadrants of 16 binned pixels."""
+        if patch % 16 or patch // 8 < 16:
+            return None
+        t = torch.from_numpy(np.stack(binned).astype(np.float32, copy=False))
+        if nbin > 1:
+            t = torch.nn.functional.avg_pool2d(t[:, None], nbin)[:, 0]
+        # in these pixels (BIN x nbin frame pixels; BIN is 4 as _structure's pooling) a patch is patch / 4 wide, a
+        # quadrant patch / 8, a step patch / 16
+        quad, step = patch // 8, patch // 16
+        if t.shape[1] < 2 * quad or t.shape[2] < 2 * quad:
+            return None
+        blocks = t.unfold(1, quad, step).unfold(2, quad, step)
+        rows, cols = blocks.shape[1], blocks.shape[2]
+        with torch.no_grad():
+            r = structure_ratio(blocks.reshape(-1, quad, quad)).reshape(2, rows, cols).min(dim=0).values.numpy()
+        # a patch's quadrants are two steps apart
+        return np.minimum.reduce([r[:-2, :-2], r[2:, :-2], r[:-2, 2:], r[2:, 2:]])
 
     def _infer(self, x: torch.Tensor, valid: np.ndarray, model_px_nm: float, d_ratio: float) -> np.ndarray:
         """Per-patch (wd, ax, ay in um at the pair's perturbation; score) of the structured patches."""

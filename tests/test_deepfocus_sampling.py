@@ -120,6 +120,21 @@ def test_frames_partly_on_blank_ground_are_answered_from_their_tissue(specimen, 
     assert estimator.estimate(minus, plus, 10e-9).status == "uncertain"
 
 
+def test_a_band_of_tissue_narrower_than_a_patch_is_answered_wherever_it_lies(specimen, estimator):
+    # 220 px of tissue between blank ground, 150 px from the frame's edge: no patch of the half-patch tilings
+    # held enough of it (2 structured patches: "uncertain"); on the quarter-patch grid 3 or more do
+    rng = np.random.default_rng(0)
+    for minus, plus, true in _pairs(specimen, 10.0, 5.0, seed=11):
+        a, b = minus.astype(np.float32), plus.astype(np.float32)
+        blank = np.ones(a.shape, bool)
+        blank[:, 150:370] = False
+        for img in (a, b):
+            img[blank] = rng.normal(img.mean(), 0.02 * img.std() + 1, blank.sum())
+        c = estimator.estimate(a, b, 10e-9)
+        assert c.status == "ok" and c.n_patches >= 3, c.extra
+        assert abs(c.wd_um - true) < 1.0, (c.wd_um, true)
+
+
 def test_pixels_too_coarse_and_perturbations_out_of_range_are_refused(estimator):
     rng = np.random.default_rng(0)
     a = rng.integers(0, 255, (512, 512), dtype=np.uint8)

@@ -246,7 +246,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             wd_unsure = bool(corr.extra.get("wd_uncertain")) or (
                 corr.status == "ok" and corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m)
             if far:
-                too_unsure = corr.uncertainty_wd_um * 1e-6 > s.max_uncertainty_wd_m + FAR_SPREAD * abs(corr.wd_um) * 1e-6
+                too_unsure = corr.uncertainty_wd_um > s.max_uncertainty_wd_m * 1e6 + FAR_SPREAD * abs(corr.wd_um)
             else:
                 too_unsure = wd_unsure or (s.correct_stig and not wd_only
                                            and corr.uncertainty_stig > s.max_uncertainty_stig)

@@ -61,7 +61,8 @@ def test_profile_by_path_and_unknown_keys_in_files(tmp_path):
     ("autofocus:\n  max_step_wd_um: 600\n", "exceeds limits.wd_step_um"),
     ("autofocus:\n  tol_wd_um: 0\n", "autofocus.tol_wd_um must be positive"),
     ("autofocus:\n  max_iterations: 0\n", "autofocus.max_iterations must be at least 1"),
-    ("autofocus:\n  far_perturbation_factor: 1.2\n", "autofocus.far_perturbation_factor must be 0 (off) or between 1.5 and 10"),
+    ("autofocus:\n  far_perturbation_factor: 1.2\n",
+     "autofocus.far_perturbation_factor must be 0 (off) or between 1.5 and 10"),
     ("autofocus:\n  max_total_wd_um: 20\n", "a single step could never be taken in full"),
 ])
 def test_broken_profiles_are_named(tmp_path, text, message):

@@ -208,7 +208,9 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
             time.sleep(st.settle_s)
             result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), True))
             wd, stig = new_wd, new_stig  # type: ignore[assignment]
-            if abs(d_wd_m) * 1e6 <= st.wd_tolerance_um and max(abs(d_sx), abs(d_sy)) <= \
+            # a wd-only answer (astigmatism too uncertain to answer, stig 0) says nothing about the stigmators
+            wd_only = bool(corr.extra.get("astig_uncertain")) and (on_x or on_y)
+            if not wd_only and abs(d_wd_m) * 1e6 <= st.wd_tolerance_um and max(abs(d_sx), abs(d_sy)) <= \
                     st.stig_tolerance:
                 result.converged = True
                 break

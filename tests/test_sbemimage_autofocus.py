@@ -220,3 +220,27 @@ def test_stigmator_answers_that_grow_end_the_run_with_an_error_and_the_start_res
                                                  stig_tolerance=0.25))
     assert not res.ok and "ERROR" in res.message and "grew" in res.message and "calibration" in res.message
     assert len(res.iterations) == 2 and (sem.wd, sem.stig) == start
+
+
+class AstigmatismTooUncertain(PowerRatioEstimator):
+    """A small wd answer whose patches disagree on astigmatism: wd only, stigmators 0."""
+
+    def estimate(self, *args, **kw):
+        c = super().estimate(*args, **kw)
+        c.wd_um, c.stig_x, c.stig_y, c.astig_x_um, c.astig_y_um = 0.2, 0.0, 0.0, 0.0, 0.0
+        c.status, c.extra = "ok", {"astig_uncertain": True, "astig_um_unapplied": [1.5, -0.9]}
+        return c
+
+
+def test_a_wd_only_answer_never_counts_as_converged():
+    # its zero stigmator answer is no measurement: the closed loop does not converge on one either
+    sem = FakeSBEMimageSEM()
+    with serving(AstigmatismTooUncertain(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=3))
+    assert res.ok and not res.converged and len(res.iterations) == 3
+    assert "not converged after 3 iterations" in res.message
+    # focus alone asked for: then a small wd answer is all there is to it
+    sem = FakeSBEMimageSEM()
+    with serving(AstigmatismTooUncertain(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=3, aberr_mode=(True, False, False)))
+    assert res.converged and len(res.iterations) == 1

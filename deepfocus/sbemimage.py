@@ -36,6 +36,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
+from .correction import PERTURBATION_TOLERANCE
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging
 
 
@@ -68,6 +69,9 @@ class DeepFocusSettings:
     # SBEMimage's aberr_mode_bools: correct focus, stig x, stig y
     aberr_mode: tuple[bool, bool, bool] = (True, True, True)
     settle_s: float = 0.2               # after large wd changes, before scanning
+    # a pair the daemon refuses because its patches disagree on wd (far beyond its model's range) is taken once
+    # more at this many times the perturbation, where the model answers it, and its wd answer applied; 0: never
+    far_perturbation_factor: float = 3.0
     frame_suffix: str = ".tif"
     workdir: str | None = None           # None: a temporary directory, removed afterwards
     options: dict[str, Any] = field(default_factory=dict)  # passed to the daemon's estimator
@@ -90,7 +94,7 @@ class DeepFocusSettings:
         for key, conv in (("timeout_s", float), ("retries", int), ("frame_size_selector", int),
                           ("dwell_time_us", float), ("perturbation_um", float),
                           ("max_iterations", int), ("wd_tolerance_um", float),
-                          ("stig_tolerance", float)):
+                          ("stig_tolerance", float), ("far_perturbation_factor", float)):
             if f"deepfocus_{key}" in s:
                 kw[key] = conv(s[f"deepfocus_{key}"])
         kw.update(overrides)
@@ -103,6 +107,7 @@ class DeepFocusIteration:
     stig_before: tuple[float, float]
     correction: dict[str, Any]
     applied: bool
+    far: bool = False            # the pair was taken at the far perturbation, its wd answer alone applied
 
 
 @dataclass
@@ -178,20 +183,46 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
     result = DeepFocusResult(ok=False, message="", wd_m=start_wd, stig_xy=start_stig,  # type: ignore[arg-type]
                              start_wd_m=start_wd, start_stig_xy=start_stig)  # type: ignore[arg-type]
     try:
-        # before any frame: the daemon is there, and says whether its answers share one scale
-        planner = _planner(client, st)
+        # before any frame: the daemon is there, and says whether its answers share one scale and which pairs
+        # its model answers
+        hello = _hello(client)
+        planner = _planner(hello, st)
+        d = st.perturbation_um * 1e-6
+        far_d = _far_perturbation(hello, st)
+        pair_d, far_taken = d, False
         sem.apply_frame_settings(st.frame_size_selector, st.pixel_size_nm, st.dwell_time_us)
         wd, stig = start_wd, start_stig
         for it in range(1, st.max_iterations + 1):
-            minus, plus = _acquire_pair(sem, wd, st, workdir, it)
+            far = pair_d != d
+            minus, plus = _acquire_pair(sem, wd, pair_d, st, workdir, it)
             try:
-                corr = client.estimate(minus, plus, st.pixel_size_nm * 1e-9,
-                                       st.perturbation_um * 1e-6, options=st.options or None)
+                corr = client.estimate(minus, plus, st.pixel_size_nm * 1e-9, pair_d, options=st.options or None)
             except DaemonUnavailable as exc:
                 raise AutofocusAbort(str(exc)) from exc
             except RemoteError as exc:
                 raise AutofocusAbort(f"daemon rejected the image pair: {exc}") from exc
-            d_wd_m, d_sx, d_sy = _masked_correction(corr, st.aberr_mode)
+            if far_d is not None and not far and not far_taken and corr.status == "uncertain" \
+                    and corr.extra.get("wd_uncertain"):
+                # far beyond the model's range (deepfocus.autofocus, "far pairs"): once more at the far perturbation
+                result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), False))
+                pair_d = far_d
+                continue
+            try:
+                d_wd_m, d_sx, d_sy = _masked_correction(corr, st.aberr_mode)
+            except AutofocusAbort as exc:
+                raise AutofocusAbort(f"at the far perturbation {pair_d * 1e6:g} um, {exc}" if far else str(exc)) \
+                    from None
+            if far:
+                # wd alone (the astigmatism was read through tens of micrometres of blur); unclipped, as every step
+                # here, so it lands within the model's range and the run goes on at the usual perturbation
+                new_wd = wd + d_wd_m
+                _check_within_limits(new_wd, stig, start_wd, start_stig, st, it)
+                sem.set_wd(new_wd)
+                time.sleep(st.settle_s)
+                result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), True, far=True))
+                wd, pair_d, far_taken = new_wd, d, True
+                planner = _planner(hello, st)       # nothing learned from pairs taken where the run no longer is
+                continue
             try:
                 step = planner.plan(corr)
             except StigmatorsDiverging as exc:
@@ -237,9 +268,8 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
     return result
 
 
-def _acquire_pair(sem: SBEMimageSEM, wd: float, st: DeepFocusSettings, workdir: Path, it: int
+def _acquire_pair(sem: SBEMimageSEM, wd: float, d: float, st: DeepFocusSettings, workdir: Path, it: int
                   ) -> tuple[np.ndarray, np.ndarray]:
-    d = st.perturbation_um * 1e-6
     images = []
     try:
         for sign, tag in ((-1, "minus"), (+1, "plus")):
@@ -261,13 +291,25 @@ def _acquire_pair(sem: SBEMimageSEM, wd: float, st: DeepFocusSettings, workdir: 
     return images[0], images[1]
 
 
-def _planner(client: DeepFocusClient, st: DeepFocusSettings) -> StepPlanner:
+def _hello(client: DeepFocusClient) -> dict[str, Any]:
     try:
-        hello = client.hello()
+        return client.hello()
     except DaemonUnavailable as exc:
         raise AutofocusAbort(str(exc)) from exc
     except RemoteError:
-        hello = {}                  # a daemon that does not describe its answers: none learned from stigmators
+        return {}                   # a daemon that does not describe its answers: none learned from stigmators
+
+
+def _far_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float | None:
+    """The far perturbation (m), where it is on and the daemon's model answers it; else None."""
+    far = st.far_perturbation_factor * st.perturbation_um * 1e-6
+    rng = hello.get("perturbation_range_m")
+    if far <= 0 or not st.aberr_mode[0] or not rng:
+        return None
+    return far if rng[0] * (1 - PERTURBATION_TOLERANCE) <= far <= rng[1] * (1 + PERTURBATION_TOLERANCE) else None
+
+
+def _planner(hello: dict[str, Any], st: DeepFocusSettings) -> StepPlanner:
     max_wd, max_sx, max_sy = st.max_wd_stig_diff
     # steps are not clipped here: one beyond max_wd_stig_diff ends the run instead (_check_within_limits)
     settings = StepSettings(max_step_wd_m=max(2 * max_wd, 1e-9), max_step_stig=max(2 * max_sx, 2 * max_sy, 1e-9),

@@ -244,3 +244,55 @@ def test_a_wd_only_answer_never_counts_as_converged():
     with serving(AstigmatismTooUncertain(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
         res = run_deepfocus_af(sem, settings_for(address, max_iterations=3, aberr_mode=(True, False, False)))
     assert res.converged and len(res.iterations) == 1
+
+
+class RangeLimited(PowerRatioEstimator):
+    """A model trained within 30 um of focus at +-5 um: further out its patches disagree on wd; pairs at up to
+    +-15 um it reads three times as far (here: the fake microscope's truth, wd only)."""
+    perturbation_range_m = (2.5e-6, 15e-6)
+
+    def __init__(self, sem, **kw):
+        super().__init__(**kw)
+        self.sem, self.asked = sem, []
+
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None, **kw):
+        self.asked.append(perturbation_m)
+        c = super().estimate(minus, plus, pixel_size_m, perturbation_m, **kw)
+        off_um = (self.sem.true_wd - self.sem.wd) * 1e6
+        if abs(off_um) > 30 * perturbation_m / 5e-6:
+            c.status, c.extra = "uncertain", {"wd_uncertain": True, "reason": "patches disagree on wd"}
+        elif abs(off_um) > 30:
+            c.wd_um, c.stig_x, c.stig_y, c.status, c.extra = off_um, 0.0, 0.0, "ok", {"astig_uncertain": True}
+        return c
+
+
+def test_a_pair_refused_far_from_focus_is_taken_once_more_at_three_times_the_perturbation():
+    sem = FakeSBEMimageSEM()
+    start = sem.true_wd + 60e-6
+    sem.wd = start
+    est = RangeLimited(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+    with serving(est) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, max_wd_stig_diff=(80e-6, 2.0, 2.0)))
+    assert res.ok and res.converged, res.message
+    assert [it.far for it in res.iterations][:3] == [False, True, False]
+    assert [it.applied for it in res.iterations][:2] == [False, True]
+    assert est.asked[:3] == pytest.approx([5e-6, 15e-6, 5e-6])
+    # the far pair at -/+ 15 um around the start, its wd answer applied in full, the stigmators left alone
+    assert sem.wd_log[3:6] == pytest.approx([start - 15e-6, start + 15e-6, start])
+    assert res.iterations[2].wd_before_m == pytest.approx(sem.true_wd, abs=1e-9)
+    assert abs(sem.wd - sem.true_wd) < 1e-6
+
+
+@pytest.mark.parametrize("factor, start_um, expect", [
+    (0.0, 60.0, "marked 'uncertain'"),                      # switched off: refused as before
+    (3.0, 100.0, "at the far perturbation 15 um"),          # beyond the far pair's reach too: refused there
+])
+def test_a_far_pair_that_is_off_or_refused_ends_the_run_with_the_start_restored(factor, start_um, expect):
+    sem = FakeSBEMimageSEM()
+    start = (sem.true_wd + start_um * 1e-6, sem.stig)
+    sem.wd = start[0]
+    with serving(RangeLimited(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, far_perturbation_factor=factor,
+                                                 max_wd_stig_diff=(150e-6, 2.0, 2.0)))
+    assert not res.ok and "ERROR" in res.message and expect in res.message
+    assert (sem.wd, sem.stig) == start

@@ -202,7 +202,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     results: dict[str, dict] = {}
     runs = method_runs(cfg)
     errors = {m: np.full((cfg.trials, cfg.iterations + 1, 4), np.nan) for m in cfg.methods}
-    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": []}
+    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": [], "far": 0}
            for m in cfg.methods}
     for t in range(cfg.trials):
         spec = specs[t % len(specs)]
@@ -245,6 +245,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
                     errors[name][t, k] = last
             per[name]["compute"] += [r.compute_s for r in res.trace]
             per[name]["outcomes"].append(res.outcome)
+            per[name]["far"] += sum(r.far for r in res.trace)
             if res.images_taken:
                 per[name]["frame_dose"].append(res.dose_e_per_nm2 / res.images_taken)
             if hits:
@@ -271,6 +272,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "dose_to_focus_e_per_nm2_median": med(per[name]["dose"]),
             "failed": per[name]["failed"],
             "outcomes": {o: per[name]["outcomes"].count(o) for o in sorted(set(per[name]["outcomes"]))},
+            # pairs taken again at the far perturbation (deepfocus.autofocus), over all trials
+            "far_pairs": per[name]["far"],
             "focus_scan": {"dwell_ns": round(sc.dwell_s * 1e9, 6), "pixel_size_nm": round(sc.pixel_size_m * 1e9, 6),
                            "frame_px": [sc.width_px, sc.height_px],
                            "dose_per_frame_e_per_nm2": med(per[name]["frame_dose"])},

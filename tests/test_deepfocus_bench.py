@@ -37,6 +37,15 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
         m["deepfocus"]["compute_s_median"] / m["mapfost"]["compute_s_median"])
 
 
+def test_the_bench_counts_the_pairs_taken_again_far_from_focus():
+    # 80 um off: beyond the shipped model's range at +-5 um, within it at +-15 um (deepfocus.autofocus)
+    cfg = BenchConfig(methods=["deepfocus"], trials=1, iterations=3, start_range_um=80.0, start_range_stig=1.0,
+                      starts="corners", overrides=["autofocus.max_step_wd_um=100", "autofocus.max_total_wd_um=200"])
+    m = run_bench(cfg, log=lambda s: None)["methods"]["deepfocus"]
+    assert m["far_pairs"] == 1 and m["outcomes"] == {"iteration_limit": 1}
+    assert [it["within_margin"] for it in m["iterations"]] == [0.0, 0.0, 0.0, 1.0]
+
+
 def test_ratios_to_mapfost_are_nan_where_a_method_never_reached_the_margin():
     import math
     from deepfocus.bench import ratios_to, summary

@@ -251,9 +251,13 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 too_unsure = wd_unsure or (s.correct_stig and not wd_only
                                            and corr.uncertainty_stig > s.max_uncertainty_stig)
             if corr.status != "ok" or bad or too_unsure:
-                reason = corr.extra.get("reason") or ("non-finite correction" if bad else
-                                                      f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, "
-                                                      f"stig {corr.uncertainty_stig:.2f}")
+                # an answer the estimator gave as "ok" may carry a note (wd only) that is not why it is refused here
+                if corr.status != "ok":
+                    reason = corr.extra.get("reason") or f"the estimator answered {corr.status!r}"
+                elif bad:
+                    reason = "non-finite correction"
+                else:
+                    reason = f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, stig {corr.uncertainty_stig:.2f}"
                 rec = IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose, step_compute,
                                       len(frames), far=far)
                 trace.append(rec)

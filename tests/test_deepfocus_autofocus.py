@@ -61,6 +61,14 @@ def test_too_uncertain_correction_is_refused(small_scope):
     assert res.outcome == "uncertain" and res.iterations == 1
 
 
+def test_a_refusal_names_the_loops_reason_not_a_note_the_answer_carries(small_scope):
+    c = corr(25.0, unc=9.0)
+    c.extra.update(astig_uncertain=True, reason="patches disagree on astigmatism by 7.1 um: wd only")
+    res = autofocus(small_scope.sem, Scripted([c]), AutofocusSettings(far_perturbation_factor=0))
+    assert res.outcome == "uncertain" and "uncertainty wd 9.00 um" in res.message
+    assert "astigmatism" not in res.message
+
+
 class Perturbations(Scripted):
     """Scripted, and remembers the perturbation of every pair it was given."""
 

@@ -310,7 +310,8 @@ def summary(result: dict) -> list[str]:
                      f"{r['compute_s_median'] * 1e3:.1f} ms, probe growth at the end "
                      f"{last['probe_growth_pct_median']:.2f} % (95th percentile {last['probe_growth_pct_p95']:.2f} %), "
                      f"time to focus {r['time_to_focus_s_median']:.2f} s, "
-                     f"dose to focus {r['dose_to_focus_e_per_nm2_median']:.1f} e/nm2, failed {r['failed']}")
+                     f"dose to focus {r['dose_to_focus_e_per_nm2_median']:.1f} e/nm2, failed {r['failed']}"
+                     + (f", far pairs {r['far_pairs']}" if r.get("far_pairs") else ""))
     for name, q in result.get("ratios_to_mapfost", {}).items():
         lines.append(f"{name} / mapfost: compute {q['compute']:.2f}, time to focus {q['time_to_focus']:.2f}, "
                      f"dose to focus {q['dose_to_focus']:.2f}")

@@ -41,7 +41,7 @@ from .autofocus import acquire_pair
 @dataclass
 class CalibrationSettings:
     wd_offsets_um: tuple[float, ...] = (-12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0)
-    stig_offsets: tuple[float, ...] = (-2.0, -1.0, 1.0, 2.0)     # units, along x then along y
+    stig_offsets: tuple[float, ...] = (-4.0, -2.0, 2.0, 4.0)     # units, along x then along y
     perturbation_m: float | None = None                           # the estimator's own when None
     min_points: int = 5                                           # per fit, after refusals
     max_rounds: int = 5                                           # wd series, each with an updated angle

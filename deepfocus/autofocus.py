@@ -261,7 +261,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 rec = IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose, step_compute,
                                       len(frames), far=far)
                 trace.append(rec)
-                if not far and wd_unsure and not bad and can_go_far and not far_landed:
+                # (with no pair left to take, the refusal stands)
+                if not far and wd_unsure and not bad and can_go_far and not far_landed and it < s.max_iterations:
                     if on_iteration is not None:
                         on_iteration(rec)
                     pair_d = far_d

@@ -201,8 +201,8 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
                 raise AutofocusAbort(str(exc)) from exc
             except RemoteError as exc:
                 raise AutofocusAbort(f"daemon rejected the image pair: {exc}") from exc
-            if far_d is not None and not far and not far_taken and corr.status == "uncertain" \
-                    and corr.extra.get("wd_uncertain"):
+            if far_d is not None and not far and not far_taken and it < st.max_iterations \
+                    and corr.status == "uncertain" and corr.extra.get("wd_uncertain"):
                 # far beyond the model's range (deepfocus.autofocus, "far pairs"): once more at the far perturbation
                 result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), False))
                 pair_d = far_d

@@ -135,6 +135,12 @@ def test_once_a_far_step_was_taken_in_full_a_pair_refused_again_ends_the_loop(sm
     assert (sem.get_wd_m(), sem.get_stig()) == (pytest.approx(wd0, abs=1e-12), pytest.approx(st0))
 
 
+def test_a_pair_refused_on_the_last_iteration_leaves_the_run_uncertain(small_scope):
+    est = Perturbations([disagree_on_wd(), corr(-10.0)])
+    res = autofocus(small_scope.sem, est, AutofocusSettings(max_iterations=1))
+    assert res.outcome == "uncertain" and est.asked == [5e-6]
+
+
 @pytest.mark.parametrize("refused, settings, answers", [
     # refused for a blank frame, not for wd: a larger perturbation would not help
     (corr(0.0, status="uncertain", unc=float("inf")), {}, (5e-6, 15e-6)),

@@ -296,3 +296,12 @@ def test_a_far_pair_that_is_off_or_refused_ends_the_run_with_the_start_restored(
                                                  max_wd_stig_diff=(150e-6, 2.0, 2.0)))
     assert not res.ok and "ERROR" in res.message and expect in res.message
     assert (sem.wd, sem.stig) == start
+
+
+def test_a_pair_refused_on_the_last_iteration_is_an_error_not_a_completed_run():
+    sem = FakeSBEMimageSEM()
+    start = (sem.true_wd + 60e-6, sem.stig)
+    sem.wd = start[0]
+    with serving(RangeLimited(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=1, max_wd_stig_diff=(80e-6, 2.0, 2.0)))
+    assert not res.ok and "ERROR" in res.message and (sem.wd, sem.stig) == start

@@ -123,7 +123,8 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
     if max(abs(stig0[0]), abs(stig0[1])) + reach > lim:
         # refuse before any frame: the steps would leave the stigmators' range
         raise ValueError(f"stigmators at ({stig0[0]:+.2f}, {stig0[1]:+.2f}) with steps of +-{reach:g} units would "
-                         f"leave their range +-{lim:g}: centre them (or use smaller stig_offsets) first")
+                         f"leave their range +-{lim:g}: centre them first (or take smaller steps: stig_offsets, "
+                         "deepfocus calibrate --stig-steps)")
     alpha_was = estimator.aperture_angle_mrad
     st_pts: list[tuple[float, float, float, float]] = []
     rounds: list[list[float]] = []

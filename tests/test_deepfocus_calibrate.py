@@ -118,6 +118,18 @@ def test_angle_search_stays_inside_an_inconsistent_bracket():
     assert 4.3 <= a <= 4.7
 
 
+def test_the_command_takes_the_stigmator_steps_and_refuses_nonsense(capsys):
+    # stigmators 7 units off centre: steps of 4 would leave the range of 10, steps of 1 and 2 do not
+    base = ["calibrate", "--profile", "setup_a", "--set", "stigmator.true_center=[7.0,0.0]",
+            "--set", "stigmator.center_spread=0", "--dwell-ns", "50", "--json"]
+    assert cli_main(base) == 4 and "--stig-steps" in capsys.readouterr().err
+    assert cli_main(base + ["--stig-steps", "1", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted({round(p[0], 6) for p in out["points"]["stig"]}) == [-2.0, -1.0, 0.0, 1.0, 2.0]
+    assert cli_main(base + ["--stig-steps", "0"]) == 4
+    assert "--stig-steps must be positive" in capsys.readouterr().err
+
+
 def test_steps_that_would_leave_the_stigmator_range_are_refused_before_any_frame():
     scope = open_microscope("setup_a", [])
     sem = scope.sem

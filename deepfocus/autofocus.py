@@ -261,8 +261,11 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 rec = IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose, step_compute,
                                       len(frames), far=far)
                 trace.append(rec)
-                # (with no pair left to take, the refusal stands)
-                if not far and wd_unsure and not bad and can_go_far and not far_landed and it < s.max_iterations:
+                # (with no pair left to take, or no room for it within the lens's range, the refusal stands)
+                lim = sem.limits
+                room = lim.wd_min_m <= wd - far_d and wd + far_d <= lim.wd_max_m
+                if not far and wd_unsure and not bad and can_go_far and not far_landed and it < s.max_iterations \
+                        and room:
                     if on_iteration is not None:
                         on_iteration(rec)
                     pair_d = far_d

@@ -141,6 +141,17 @@ def test_a_pair_refused_on_the_last_iteration_leaves_the_run_uncertain(small_sco
     assert res.outcome == "uncertain" and est.asked == [5e-6]
 
 
+def test_no_far_pair_is_taken_where_it_would_leave_the_lenss_range(small_scope):
+    sem = small_scope.sem
+    target = sem.limits.wd_min_m + 10e-6
+    while sem.get_wd_m() > target:              # in steps the lens accepts
+        sem.set_wd_m(max(target, sem.get_wd_m() - 0.9 * sem.limits.wd_step_max_m))
+    wd0 = sem.get_wd_m()
+    est = Perturbations([disagree_on_wd(), corr(-10.0)])
+    res = autofocus(sem, est, AutofocusSettings())
+    assert res.outcome == "uncertain" and est.asked == [5e-6] and sem.get_wd_m() == pytest.approx(wd0, abs=1e-12)
+
+
 @pytest.mark.parametrize("refused, settings, answers", [
     # refused for a blank frame, not for wd: a larger perturbation would not help
     (corr(0.0, status="uncertain", unc=float("inf")), {}, (5e-6, 15e-6)),

@@ -198,6 +198,11 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
 
     planner = new_planner()
 
+    def check_total(new_wd: float) -> None:
+        if abs(new_wd - start_wd) > s.max_total_wd_m:
+            raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "
+                               f"(limit {s.max_total_wd_m * 1e6:.0f} um)")
+
     def elapsed() -> float:
         # a virtual clock does not see computation: add it so times compare with a real microscope
         return clock.now_s() - t_start + (compute if clock.is_virtual else 0.0)
@@ -275,9 +280,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 break
             if far:
                 dwd = float(min(max(corr.wd_um * 1e-6, -s.max_step_wd_m), s.max_step_wd_m))
-                if abs(wd + dwd - start_wd) > s.max_total_wd_m:
-                    raise RuntimeError(f"correction would move wd {abs(wd + dwd - start_wd) * 1e6:.1f} um from the "
-                                       f"start (limit {s.max_total_wd_m * 1e6:.0f} um)")
+                check_total(wd + dwd)
                 sem.set_wd_m(wd + dwd)
                 clipped = abs(dwd) < abs(corr.wd_um) * 1e-6
                 rec = IterationRecord(it, wd, stig, corr.to_dict(), wd + dwd, stig, clipped, elapsed(), dose,
@@ -301,9 +304,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             planner.taken(step)
             dwd, (dsx, dsy) = step.wd_m, step.stig
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
-            if abs(new_wd - start_wd) > s.max_total_wd_m:
-                raise RuntimeError(f"correction would move wd {abs(new_wd - start_wd) * 1e6:.1f} um from the start "
-                                   f"(limit {s.max_total_wd_m * 1e6:.0f} um)")
+            check_total(new_wd)
             sem.set_wd_m(new_wd)
             if s.correct_stig:
                 sem.set_stig(*new_stig)

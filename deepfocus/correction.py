@@ -51,12 +51,17 @@ class Correction:
 PERTURBATION_TOLERANCE = 0.02
 
 
+def in_perturbation_range(perturbation_m: float, range_m) -> bool:
+    """Whether ``perturbation_m`` lies within ``range_m`` (low, high), to ``PERTURBATION_TOLERANCE``."""
+    lo, hi = range_m
+    return math.isfinite(perturbation_m) and \
+        lo * (1 - PERTURBATION_TOLERANCE) <= perturbation_m <= hi * (1 + PERTURBATION_TOLERANCE)
+
+
 def answers_perturbation(estimator, perturbation_m: float) -> bool:
     """Whether ``estimator`` answers pairs at -/+ ``perturbation_m`` (its ``perturbation_range_m``; any when it
     does not say)."""
-    lo, hi = getattr(estimator, "perturbation_range_m", (0.0, math.inf))
-    return math.isfinite(perturbation_m) and \
-        lo * (1 - PERTURBATION_TOLERANCE) <= perturbation_m <= hi * (1 + PERTURBATION_TOLERANCE)
+    return in_perturbation_range(perturbation_m, getattr(estimator, "perturbation_range_m", (0.0, math.inf)))
 
 
 class Estimator(ABC):

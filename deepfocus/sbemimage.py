@@ -36,7 +36,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
-from .correction import PERTURBATION_TOLERANCE
+from .correction import in_perturbation_range
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging
 
 
@@ -306,7 +306,7 @@ def _far_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float | N
     rng = hello.get("perturbation_range_m")
     if far <= 0 or not st.aberr_mode[0] or not rng:
         return None
-    return far if rng[0] * (1 - PERTURBATION_TOLERANCE) <= far <= rng[1] * (1 + PERTURBATION_TOLERANCE) else None
+    return far if in_perturbation_range(far, rng) else None
 
 
 def _planner(hello: dict[str, Any], st: DeepFocusSettings) -> StepPlanner:

@@ -157,7 +157,7 @@ def calibrate_command(args) -> int:
         return EXIT_INPUT
     sem = scope.sem
     steps = args.stig_steps
-    if not steps or not all(math.isfinite(v) and v > 0 for v in steps):
+    if steps is not None and not all(math.isfinite(v) and v > 0 for v in steps):
         print(f"deepfocus calibrate: --stig-steps must be positive numbers of stigmator units, got {steps}",
               file=sys.stderr)
         return EXIT_INPUT
@@ -173,6 +173,7 @@ def calibrate_command(args) -> int:
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
         res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg,
+                        CalibrationSettings(perturbation_m=d) if steps is None else
                         CalibrationSettings(perturbation_m=d,
                                             stig_offsets=tuple(sorted(-v for v in steps)) + tuple(sorted(steps))),
                         log=log)
@@ -389,9 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the estimator to calibrate (each answers with its own scale)")
     c.add_argument("--pixel-size-nm", type=float, default=10.0)
     c.add_argument("--frame-px", type=int, nargs=2, default=(512, 512))
-    c.add_argument("--stig-steps", type=float, nargs="+", default=[2.0, 4.0], metavar="UNITS",
-                   help="stigmator steps, each taken both ways along x and along y (default 2 4; small astigmatism "
-                        "is answered short on a narrow beam, so steps of 1 unit understate the scale)")
+    c.add_argument("--stig-steps", type=float, nargs="+", default=None, metavar="UNITS",
+                   help="stigmator steps, each taken both ways along x and along y (default: "
+                        "calibrate.CalibrationSettings' +-2 and +-4; small astigmatism is answered short on a "
+                        "narrow beam, so steps of 1 unit understate the scale)")
     c.add_argument("--no-focus-first", dest="focus_first", action="store_false",
                    help="calibrate around the current settings without running the autofocus first")
     c.add_argument("--json", action="store_true", help="one line of JSON")

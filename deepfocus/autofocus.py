@@ -22,22 +22,27 @@ its range triples): that answer may spread more (``FAR_SPREAD``), moves wd alone
 loop goes on at the usual perturbation with nothing learned kept. After a far step taken in full, a pair refused
 again ends the loop as before. Setup_a, 20 starts within +-120 um: 20 instead of 12 within the margin
 (deepfocus/README.md, "Far from focus").
+
+An objective lens with play rests up to its half-width away from the set wd, on the side it came from. The pair
+cancels it (its frames come from opposite sides) and ends coming down onto wd, so with the half-width known
+(``lens_play_m``, measured by ``deepfocus calibrate``) the loop takes each wd answer less it and ends every step
+coming down (``set_wd_coming_down``): the lens rests on the answer instead of up to the play away from it.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from hardware.config import AutofocusConfig
+from hardware.config import MAX_LENS_PLAY_UM, AutofocusConfig
 from hardware.sem import SEM, Frame, ScanSettings
 
 from .correction import Correction, Estimator, answers_perturbation
-from .steps import StepPlanner, StepSettings, StigmatorsDiverging
+from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 # A far pair's wd answer may spread this share of itself on top of max_uncertainty_wd: the step need only land
@@ -76,6 +81,8 @@ class AutofocusSettings:
     fuse_stig: bool = StepSettings.fuse_stig
     # far beyond the estimator's range (see the module text); 0: never
     far_perturbation_factor: float = _PROFILE_DEFAULTS.far_perturbation_factor
+    # half-width of the objective lens' play (see ``set_wd_coming_down``); 0: not compensated
+    lens_play_m: float = _PROFILE_DEFAULTS.lens_play_um * 1e-6
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iterations, numbers.Integral) or self.max_iterations < 1:
@@ -93,6 +100,8 @@ class AutofocusSettings:
         f = self.far_perturbation_factor
         if not (isinstance(f, numbers.Real) and (f == 0 or 1.5 <= f <= 10)):
             raise ValueError(f"far_perturbation_factor must be 0 (off) or between 1.5 and 10, got {f!r}")
+        if not (math.isfinite(self.lens_play_m) and 0 <= self.lens_play_m <= MAX_LENS_PLAY_UM * 1e-6):
+            raise ValueError(f"lens_play_m must be between 0 and {MAX_LENS_PLAY_UM:g} um, got {self.lens_play_m!r}")
         lo, hi = self.gain_limits
         if not 0 < lo <= 1 <= hi:
             raise ValueError(f"gain_limits must be (low, high) with 0 < low <= 1 <= high, got {self.gain_limits}")
@@ -106,7 +115,8 @@ class AutofocusSettings:
                     max_step_stig=config.max_step_stig, max_total_wd_m=config.max_total_wd_um * 1e-6,
                     max_uncertainty_wd_m=config.max_uncertainty_wd_um * 1e-6,
                     max_uncertainty_stig=config.max_uncertainty_stig,
-                    far_perturbation_factor=config.far_perturbation_factor)
+                    far_perturbation_factor=config.far_perturbation_factor,
+                    lens_play_m=config.lens_play_um * 1e-6)
         base.update(changes)
         return cls(**base)
 
@@ -176,6 +186,15 @@ def acquire_pair(sem: SEM, perturbation_m: float) -> tuple[Frame, Frame]:
     return minus, plus
 
 
+def set_wd_coming_down(sem: SEM, target_m: float, play_m: float, ceiling_m: float) -> None:
+    """Set wd to ``target_m`` so that, where the lens has play, it comes down onto it (``steps.overshoot_m``): the
+    lens then rests ``play_m`` above the set value, as after a pair. The way beyond stays below ``ceiling_m``."""
+    over = overshoot_m(play_m, sem.get_wd_m(), target_m, ceiling_m - target_m)
+    if over > 0:
+        sem.set_wd_m(target_m + over)
+    sem.set_wd_m(target_m)
+
+
 def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None = None,
               should_abort: Callable[[], bool] | None = None,
               on_iteration: Callable[[IterationRecord], None] | None = None) -> AutofocusResult:
@@ -197,6 +216,16 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                            s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
 
     planner = new_planner()
+
+    # lens play is compensated where the loop takes the pairs itself (their frames come down onto wd at the end)
+    play = 0.0 if hasattr(estimator, "measure") else s.lens_play_m
+
+    def move_wd(new_wd: float) -> None:
+        check_total(new_wd)
+        lim = sem.limits
+        # the way beyond a step up stays within the lens's range, one accepted jump and the loop's total travel
+        ceiling = min(lim.wd_max_m, sem.get_wd_m() + lim.wd_step_max_m, start_wd + s.max_total_wd_m)
+        set_wd_coming_down(sem, new_wd, play, ceiling)
 
     def check_total(new_wd: float) -> None:
         if abs(new_wd - start_wd) > s.max_total_wd_m:
@@ -278,12 +307,17 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 far_note = " at the far perturbation" if far else ""
                 outcome, message = "uncertain", f"iteration {it}: correction refused{far_note} ({reason})"
                 break
+            answer = corr
+            if play:
+                # the pair ended coming down onto wd, so the lens rests play above it, while the answer is measured
+                # from the pair's centre, wd itself (the play cancels between its frames): the lens is to move the
+                # answer less the play (and rests play above the set value after each step, see move_wd)
+                corr = replace(corr, wd_um=corr.wd_um - play * 1e6)
             if far:
                 dwd = float(min(max(corr.wd_um * 1e-6, -s.max_step_wd_m), s.max_step_wd_m))
-                check_total(wd + dwd)
-                sem.set_wd_m(wd + dwd)
+                move_wd(wd + dwd)
                 clipped = abs(dwd) < abs(corr.wd_um) * 1e-6
-                rec = IterationRecord(it, wd, stig, corr.to_dict(), wd + dwd, stig, clipped, elapsed(), dose,
+                rec = IterationRecord(it, wd, stig, answer.to_dict(), wd + dwd, stig, clipped, elapsed(), dose,
                                       step_compute, len(frames), far=True)
                 trace.append(rec)
                 if on_iteration is not None:
@@ -296,7 +330,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             try:
                 step = planner.plan(corr)
             except StigmatorsDiverging as exc:
-                trace.append(IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose,
+                trace.append(IterationRecord(it, wd, stig, answer.to_dict(), wd, stig, False, elapsed(), dose,
                                              step_compute, len(frames), planner.scale.gain))
                 outcome, message = "failed", (f"iteration {it}: {exc}; start restored (is the profile's "
                                               "calibration this microscope's? deepfocus calibrate measures it)")
@@ -304,11 +338,10 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             planner.taken(step)
             dwd, (dsx, dsy) = step.wd_m, step.stig
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)
-            check_total(new_wd)
-            sem.set_wd_m(new_wd)
+            move_wd(new_wd)
             if s.correct_stig:
                 sem.set_stig(*new_stig)
-            rec = IterationRecord(it, wd, stig, corr.to_dict(), new_wd, new_stig, step.clipped, elapsed(), dose,
+            rec = IterationRecord(it, wd, stig, answer.to_dict(), new_wd, new_stig, step.clipped, elapsed(), dose,
                                   step_compute, len(frames), step.gain, step.stig_turn_deg, step.stig_map)
             trace.append(rec)
             if on_iteration is not None:

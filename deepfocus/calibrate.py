@@ -22,6 +22,11 @@ without knowing where focus is:
   by s) is b - A delta_j, A being the um per unit matrix: a least-squares fit gives A,
   and ``calibration.stig_matrix`` = inverse of A (units per um). Its nearest rotation
   and scale (in the scan's own frame, like the YAML keys) are reported beside it.
+- lens play: pairs at wd0 whose two frames are both approached from below, and pairs whose
+  frames are both approached from above. A lens with play h rests h below a set value it
+  came up to and h above one it came down to, so the first pairs are centred h below wd0,
+  the second h above it, and their answers differ by 2 h (``autofocus.lens_play_um``, which
+  the loop then compensates).
 
 Start near focus (run the autofocus first, even with the old calibration): the answers
 are most precise there. Settings are restored afterwards, also on errors.
@@ -46,6 +51,9 @@ class CalibrationSettings:
     min_points: int = 5                                           # per fit, after refusals
     max_rounds: int = 5                                           # wd series, each with an updated angle
     scale_tolerance: float = 0.03                                 # |s - 1| that ends the search
+    play_pairs: int = 6                                           # per way of approach (lens play)
+    # how far beyond each frame's wd the lens goes before coming back to it: more than twice any play measured
+    play_overshoot_um: float = 2.0
 
 
 @dataclass
@@ -60,6 +68,8 @@ class CalibrationResult:
     stig_scale_um_per_unit: float
     stig_non_similarity: float           # relative misfit of rotation + scale against the full matrix
     stig_residual_um: float              # rms of the astigmatism fit
+    lens_play_um: float                  # half-width of the objective lens' play (autofocus.lens_play_um)
+    lens_play_se_um: float               # its standard error
     frames: int
     rounds: list = field(default_factory=list)     # [aperture angle mrad, scale] per wd series
     points: dict = field(default_factory=dict)
@@ -71,7 +81,9 @@ class CalibrationResult:
                 f"  stig_rotation_deg: {self.stig_rotation_deg:.1f}\n"
                 f"  stig_scale_um_per_unit: {self.stig_scale_um_per_unit:.3f}\n"
                 + (f"  stig_matrix: [[{m[0][0]:.4f}, {m[0][1]:.4f}], [{m[1][0]:.4f}, {m[1][1]:.4f}]]\n"
-                   if self.stig_non_similarity > 0.05 else ""))
+                   if self.stig_non_similarity > 0.05 else "")
+                + "autofocus:\n"
+                f"  lens_play_um: {max(self.lens_play_um, 0.0):.2f}\n")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,6 +108,48 @@ def _wd_series(sem: SEM, estimator, wd0: float, d: float, s: CalibrationSettings
         raise RuntimeError(f"only {len(pts)} of {len(s.wd_offsets_um)} wd steps were answered (need "
                            f"{s.min_points}): is there structure in the field of view and is focus near?")
     return pts
+
+
+def _pair_approached(sem: SEM, wd0: float, d: float, over: float, from_below: bool):
+    """A pair at wd0 -/+ d whose frames are both approached from below (or both from above), back at wd0 after."""
+    frames = []
+    try:
+        for target in (wd0 - d, wd0 + d):
+            sem.set_wd_m(target - over if from_below else target + over)
+            sem.set_wd_m(target)
+            frames.append(sem.grab_frame())
+    finally:
+        sem.set_wd_m(wd0)
+    return frames
+
+
+def _play_series(sem: SEM, estimator, wd0: float, d: float, scale: float, s: CalibrationSettings,
+                 log) -> tuple[float, float, dict]:
+    """Half-width of the lens' play and its standard error (um), from the two ways of approach alternated (so
+    that a slow drift of focus falls on both alike)."""
+    answers: dict[str, list[float]] = {"below": [], "above": []}
+    over = s.play_overshoot_um * 1e-6
+    for i in range(2 * s.play_pairs):
+        way = ("below", "above")[i % 2]
+        minus, plus = _pair_approached(sem, wd0, d, over, way == "below")
+        c = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
+        ok = c.status == "ok"
+        log(f"play, frames approached from {way}: " + (f"answer {c.wd_um:+.3f} um" if ok else "refused"))
+        if ok:
+            # the answers with the angle found, corrected for the scale left (within the tolerance)
+            answers[way].append(c.wd_um / scale)
+    n_b, n_a = len(answers["below"]), len(answers["above"])
+    if min(n_b, n_a) < 2:
+        raise RuntimeError(f"only {n_b} and {n_a} of {s.play_pairs} pairs per way of approach were answered "
+                           "(need 2 each) to measure the lens' play")
+    b, a = np.array(answers["below"]), np.array(answers["above"])
+    # centred h below wd0 the answers are h larger, centred h above h smaller
+    play = float(b.mean() - a.mean()) / 2.0
+    se = float(np.sqrt(b.var(ddof=1) / n_b + a.var(ddof=1) / n_a)) / 2.0
+    if play > 0.4 * s.play_overshoot_um:
+        log(f"lens play {play:.2f} um is near half the overshoot {s.play_overshoot_um:g} um: measure it again with a "
+            "larger play_overshoot_um")
+    return play, se, answers
 
 
 def _fit_scale(pts: list[tuple[float, float]]) -> tuple[float, float]:
@@ -145,6 +199,8 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
         alpha, scale = min(rounds, key=lambda r: abs(math.log(r[1])))
         wd_pts, wd_res = series[alpha]
         estimator.aperture_angle_mrad = alpha
+        play, play_se, play_answers = _play_series(sem, estimator, wd0, d, scale, s, log)
+        log(f"lens play {play:.3f} +- {play_se:.3f} um (half-width)")
         for axis in (0, 1):
             for off in s.stig_offsets:
                 delta = (off, 0.0) if axis == 0 else (0.0, off)
@@ -174,13 +230,14 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
     non_sim = float(np.linalg.norm(um_per_unit - sim) / np.linalg.norm(um_per_unit))
     # the YAML's rotation is in the scan's own frame; a scan rotated by phi turns astigmatism by -2 phi
     rot_scan = (rot_img + 2.0 * scan_rotation_deg + 180.0) % 360.0 - 180.0
-    frames = 2 * (len(rounds) * len(s.wd_offsets_um) + 2 * len(s.stig_offsets))
+    frames = 2 * (len(rounds) * len(s.wd_offsets_um) + 2 * len(s.stig_offsets) + 2 * s.play_pairs)
     return CalibrationResult(
         wd_scale=rounds[0][1], final_wd_scale=scale, configured_aperture_angle_mrad=configured_aperture_angle_mrad,
         aperture_angle_mrad=alpha, wd_residual_um=wd_res,
         stig_matrix=np.linalg.inv(um_per_unit).tolist(), stig_rotation_deg=rot_scan,
-        stig_scale_um_per_unit=sc, stig_non_similarity=non_sim, stig_residual_um=st_res, frames=frames,
-        rounds=rounds, points={"wd": [list(p) for p in wd_pts], "stig": [list(p) for p in st_pts]})
+        stig_scale_um_per_unit=sc, stig_non_similarity=non_sim, stig_residual_um=st_res, lens_play_um=play,
+        lens_play_se_um=play_se, frames=frames, rounds=rounds,
+        points={"wd": [list(p) for p in wd_pts], "stig": [list(p) for p in st_pts], "play": play_answers})
 
 
 def _next_angle(rounds: list[list[float]]) -> float:

@@ -187,13 +187,15 @@ def calibrate_command(args) -> int:
     if scope.sim is not None:
         st = scope.config.stigmator
         out["simulated_truth"] = {"stig_rotation_deg": st.rotation_deg, "stig_scale_um_per_unit": st.scale_um_per_unit,
-                                  "optics.aperture_angle_mrad": scope.config.optics.aperture_angle_mrad}
+                                  "optics.aperture_angle_mrad": scope.config.optics.aperture_angle_mrad,
+                                  "optics.hysteresis_um": scope.config.optics.hysteresis_um}
     if args.json:
         print(json.dumps(json_safe(out)))
     else:
         print(f"# wd answers scaled by {res.wd_scale:.3f} with the configured angle, {res.final_wd_scale:.3f} with "
               f"{res.aperture_angle_mrad:.3f} mrad (rms misfit {res.wd_residual_um:.2f} um), stigmator fit "
-              f"rms {res.stig_residual_um:.2f} um, {res.frames} frames; put in the microscope's YAML:")
+              f"rms {res.stig_residual_um:.2f} um, lens play {res.lens_play_um:.3f} +- {res.lens_play_se_um:.3f} um, "
+              f"{res.frames} frames; merge into the microscope's YAML (into the sections it has, not as second ones):")
         print(res.yaml_snippet(), end="")
     return EXIT_OK
 

@@ -37,7 +37,10 @@ import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
 from .correction import in_perturbation_range
-from .steps import StepPlanner, StepSettings, StigmatorsDiverging
+from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
+
+# as hardware.config's (this module does without the hardware package)
+MAX_LENS_PLAY_UM = 5.0
 
 
 class SBEMimageSEM(Protocol):
@@ -72,6 +75,9 @@ class DeepFocusSettings:
     # a pair the daemon refuses because its patches disagree on wd (far beyond its model's range) is taken once
     # more at this many times the perturbation, where the model answers it, and its wd answer applied; 0: never
     far_perturbation_factor: float = 3.0
+    # half-width of the objective lens' play as `deepfocus calibrate` measured it (the daemon profile's
+    # autofocus.lens_play_um): each wd step then ends coming down, offset by it; 0: not compensated
+    lens_play_um: float = 0.0
     frame_suffix: str = ".tif"
     workdir: str | None = None           # None: a temporary directory, removed afterwards
     options: dict[str, Any] = field(default_factory=dict)  # passed to the daemon's estimator
@@ -94,11 +100,17 @@ class DeepFocusSettings:
         for key, conv in (("timeout_s", float), ("retries", int), ("frame_size_selector", int),
                           ("dwell_time_us", float), ("perturbation_um", float),
                           ("max_iterations", int), ("wd_tolerance_um", float),
-                          ("stig_tolerance", float), ("far_perturbation_factor", float)):
+                          ("stig_tolerance", float), ("far_perturbation_factor", float),
+                          ("lens_play_um", float)):
             if f"deepfocus_{key}" in s:
                 kw[key] = conv(s[f"deepfocus_{key}"])
         kw.update(overrides)
         return cls(**kw)
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.lens_play_um) and 0 <= self.lens_play_um <= MAX_LENS_PLAY_UM):
+            raise ValueError(f"deepfocus_lens_play_um must be between 0 (not compensated) and {MAX_LENS_PLAY_UM:g} "
+                             f"um, got {self.lens_play_um!r}")
 
 
 @dataclass
@@ -207,6 +219,10 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
                 result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), False))
                 pair_d = far_d
                 continue
+            if st.lens_play_um and math.isfinite(corr.wd_um):
+                # the pair ended coming down onto wd, so the lens rests the play above it (as in
+                # deepfocus.autofocus): the lens is to move the answer less the play
+                corr = replace(corr, wd_um=corr.wd_um - st.lens_play_um)
             try:
                 d_wd_m, d_sx, d_sy = _masked_correction(corr, st.aberr_mode)
             except AutofocusAbort as exc:
@@ -217,7 +233,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
                 # here, so it lands within the model's range and the run goes on at the usual perturbation
                 new_wd = wd + d_wd_m
                 _check_within_limits(new_wd, stig, start_wd, start_stig, st, it)
-                sem.set_wd(new_wd)
+                _set_wd_coming_down(sem, wd, new_wd, start_wd, st)
                 time.sleep(st.settle_s)
                 result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), True, far=True))
                 wd, pair_d, far_taken = new_wd, d, True
@@ -234,7 +250,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
             planner.taken(step)
             new_wd, new_stig = wd + step.wd_m, (stig[0] + step.stig[0], stig[1] + step.stig[1])
             _check_within_limits(new_wd, new_stig, start_wd, start_stig, st, it)
-            sem.set_wd(new_wd)
+            _set_wd_coming_down(sem, wd, new_wd, start_wd, st)
             sem.set_stig_xy(*new_stig)
             time.sleep(st.settle_s)
             result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), True))
@@ -289,6 +305,16 @@ def _acquire_pair(sem: SBEMimageSEM, wd: float, d: float, st: DeepFocusSettings,
         raise AutofocusAbort(f"the two frames differ in size: {images[0].shape} vs "
                              f"{images[1].shape}.")
     return images[0], images[1]
+
+
+def _set_wd_coming_down(sem: SBEMimageSEM, wd: float, new_wd: float, start_wd: float, st: DeepFocusSettings
+                        ) -> None:
+    """Set ``new_wd``; with lens play a step up first goes beyond it (``steps.overshoot_m``), never further from
+    the start than ``max_wd_stig_diff``."""
+    over = overshoot_m(st.lens_play_um * 1e-6, wd, new_wd, start_wd + st.max_wd_stig_diff[0] - new_wd)
+    if over > 0:
+        sem.set_wd(new_wd + over)
+    sem.set_wd(new_wd)
 
 
 def _hello(client: DeepFocusClient) -> dict[str, Any]:

@@ -16,6 +16,25 @@ import numpy as np
 from .correction import Correction
 
 
+# A wd step up with lens play goes this many play half-widths beyond its target first (at least MIN_OVERSHOOT_M),
+# so that coming down the lens follows even where the play is somewhat larger than measured
+PLAY_OVERSHOOT = 4.0
+MIN_OVERSHOOT_M = 1e-6
+
+
+def overshoot_m(play_m: float, wd_m: float, target_m: float, room_m: float) -> float:
+    """How far beyond ``target_m`` a wd step from ``wd_m`` goes before coming down onto it, 0 for straight there.
+
+    A lens with play (half-width h) follows a set value only once it has moved more than h, so where it rests
+    depends on the way it came: h above the set value coming down, h below coming up, anywhere between after a step
+    smaller than 2 h. A focus pair ends coming down (from wd + d to wd); a loop that keeps to that way knows the lens
+    rests h above the set value. Only steps up with play go beyond, no further than ``room_m``.
+    """
+    if play_m <= 0 or target_m <= wd_m:
+        return 0.0
+    return max(0.0, min(max(PLAY_OVERSHOOT * play_m, MIN_OVERSHOOT_M), room_m))
+
+
 @dataclass
 class StepSettings:
     """How a loop turns answers into steps. ``AutofocusSettings`` has these fields too, with these defaults; a loop

@@ -201,6 +201,13 @@ class AutofocusConfig:
     # a pair refused because its patches disagree on wd (far beyond the estimator's range) is taken again at this
     # many times the perturbation, and its wd answer stepped on; 0: never
     far_perturbation_factor: float = 3.0
+    # half-width of the objective lens' play as `deepfocus calibrate` measures it; each wd step then ends coming
+    # down, offset by it, so the lens rests where the answer put it. 0: not measured, not compensated
+    lens_play_um: float = 0.0
+
+
+# larger than any objective lens' play: beyond it the figure is a mistake, not play
+MAX_LENS_PLAY_UM = 5.0
 
 
 @dataclass
@@ -337,11 +344,27 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    ``autofocus:`` section pasted below the first would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1});"
+                    " merge the two into one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_profile(name_or_path: str | Path = "setup_a", overrides: Iterable[str] = ()) -> MicroscopeConfig:
     """Read, override and validate a microscope profile."""
     path = resolve_profile_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read profile {path}: {exc}") from None
     except yaml.YAMLError as exc:
@@ -453,6 +476,9 @@ def _validate_autofocus(cfg: MicroscopeConfig) -> None:
     f = a.far_perturbation_factor
     if not (f == 0 or 1.5 <= f <= 10):
         raise ConfigError(f"autofocus.far_perturbation_factor must be 0 (off) or between 1.5 and 10, got {f:g}")
+    if not 0 <= a.lens_play_um <= MAX_LENS_PLAY_UM:
+        raise ConfigError(f"autofocus.lens_play_um must be between 0 (not compensated) and {MAX_LENS_PLAY_UM:g} um "
+                          f"(the half-width deepfocus calibrate measures), got {a.lens_play_um:g}")
     # steps the hardware would refuse (or that cross the whole stigmator range) are no limit at all
     if a.max_step_wd_um > cfg.limits.wd_step_um:
         raise ConfigError(f"autofocus.max_step_wd_um = {a.max_step_wd_um:g} exceeds limits.wd_step_um = "

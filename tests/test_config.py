@@ -64,6 +64,11 @@ def test_profile_by_path_and_unknown_keys_in_files(tmp_path):
     ("autofocus:\n  far_perturbation_factor: 1.2\n",
      "autofocus.far_perturbation_factor must be 0 (off) or between 1.5 and 10"),
     ("autofocus:\n  max_total_wd_um: 20\n", "a single step could never be taken in full"),
+    ("autofocus:\n  lens_play_um: -0.1\n", "autofocus.lens_play_um must be between 0"),
+    # a second section pasted below the first (calibrate's snippet) would silently drop the first's keys
+    ("autofocus:\n  max_iterations: 4\nbeam:\n  current_na: 1.0\nautofocus:\n  lens_play_um: 0.2\n",
+     "key 'autofocus' appears twice (lines 1 and 5); merge the two into one"),
+    ("optics:\n  hysteresis_um: 0.1\n  hysteresis_um: 0.2\n", "key 'hysteresis_um' appears twice"),
 ])
 def test_broken_profiles_are_named(tmp_path, text, message):
     p = tmp_path / "broken.yaml"

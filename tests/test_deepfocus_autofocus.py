@@ -409,7 +409,7 @@ def test_settings_default_to_the_profile_section_and_take_a_microscopes_own():
     base = AutofocusSettings.from_config(AutofocusConfig())
     plain = AutofocusSettings()
     for key in ("max_iterations", "tol_wd_m", "tol_stig", "max_step_wd_m", "max_step_stig", "max_total_wd_m",
-                "max_uncertainty_wd_m", "max_uncertainty_stig", "far_perturbation_factor"):
+                "max_uncertainty_wd_m", "max_uncertainty_stig", "far_perturbation_factor", "lens_play_m"):
         assert getattr(base, key) == pytest.approx(getattr(plain, key)), key
     own = AutofocusSettings.from_config(load_profile("setup_a", ["autofocus.max_step_stig=3",
                                                                  "autofocus.tol_wd_um=1.5"]).autofocus,

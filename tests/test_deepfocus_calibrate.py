@@ -42,7 +42,9 @@ def test_a_wrong_aperture_angle_and_unknown_stigmators_are_measured():
     assert abs(res.final_wd_scale - 1.0) <= 0.03 and est.aperture_angle_mrad == 5.2
     assert res.stig_rotation_deg == pytest.approx(35.0, abs=5.0)
     assert res.stig_scale_um_per_unit == pytest.approx(1.6, rel=0.12)
-    assert len(res.rounds) >= 2 and res.frames == 2 * (len(res.rounds) * 7 + 8)
+    assert len(res.rounds) >= 2 and res.frames == 2 * (len(res.rounds) * 7 + 8 + 12)
+    # the lens' play (half-width 0.15 um in setup_a) from pairs approached from below and from above
+    assert res.lens_play_um == pytest.approx(0.15, abs=0.1) and res.lens_play_se_um < 0.08
     assert sem.get_wd_m() == pytest.approx(wd0, abs=1e-12) and sem.get_stig() == pytest.approx(st0)
     # the measured values make a loop from far away converge where the believed ones were off
     fixed = open_microscope("setup_a", ["stigmator.rotation_deg=35", "stigmator.scale_um_per_unit=1.6",
@@ -72,6 +74,8 @@ def test_setup_b_stigmators_are_measured_at_their_own_scale(capsys):
     assert code == 0
     assert out["stig_scale_um_per_unit"] == pytest.approx(1.4, rel=0.05)
     assert out["stig_rotation_deg"] == pytest.approx(35.0, abs=3.0)
+    assert out["lens_play_um"] == pytest.approx(out["simulated_truth"]["optics.hysteresis_um"], abs=0.1)
+    assert len(out["points"]["play"]["below"]) == len(out["points"]["play"]["above"]) == 6
 
 
 def test_a_featureless_field_is_a_clear_error_and_the_settings_are_kept():
@@ -96,6 +100,7 @@ def test_calibrate_command_prints_the_yaml_keys_and_json(capsys):
     assert cli_main(["calibrate", "--profile", "setup_a", "--specimen", str(FLYEM), "--pixel-size-nm", "8"]) == 0
     text = capsys.readouterr().out
     assert "calibration:\n  aperture_angle_mrad:" in text and "stig_scale_um_per_unit" in text
+    assert "autofocus:\n  lens_play_um:" in text
     assert cli_main(["calibrate", "--profile", "no_such_profile"]) == 4
     assert "no_such_profile" in capsys.readouterr().err
 
@@ -139,3 +144,13 @@ def test_steps_that_would_leave_the_stigmator_range_are_refused_before_any_frame
     with pytest.raises(ValueError, match="leave their range"):
         calibrate(sem, load_estimator_for(scope.config), 4.0)
     assert sem.get_stig() == pytest.approx((9.0, 0.0)) and scope.sim.frames_taken == frames_before
+
+
+@needs_flyem
+def test_a_lens_without_play_is_measured_without_it():
+    scope, est = focused("optics.hysteresis_um=0", specimen=load_specimen(FLYEM))
+    res = calibrate(scope.sem, est, 4.0, scope.config.scan.rotation_deg)
+    assert abs(res.lens_play_um) < 0.08
+    # what goes into the YAML is never negative (noise around no play at all)
+    put = float(res.yaml_snippet().split("lens_play_um:")[1].split()[0])
+    assert put == max(round(res.lens_play_um, 2), 0.0)

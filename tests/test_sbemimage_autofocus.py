@@ -157,10 +157,11 @@ def test_focus_only_leaves_stigmators_alone(daemon):
 def test_settings_from_an_sbemimage_config():
     cfg = configparser.ConfigParser()
     cfg.read_string("[autofocus]\nmax_wd_stig_diff = [1e-05, 0.5, 0.5]\npixel_size = 8.0\n"
-                    "deepfocus_address = tcp://127.0.0.1:6001\ndeepfocus_max_iterations = 5\n")
+                    "deepfocus_address = tcp://127.0.0.1:6001\ndeepfocus_max_iterations = 5\n"
+                    "deepfocus_lens_play_um = 0.17\n")
     st = DeepFocusSettings.from_sbemimage_config(cfg)
     assert st.max_wd_stig_diff == (1e-05, 0.5, 0.5) and st.pixel_size_nm == 8.0
-    assert st.address == "tcp://127.0.0.1:6001" and st.max_iterations == 5
+    assert st.address == "tcp://127.0.0.1:6001" and st.max_iterations == 5 and st.lens_play_um == 0.17
 
 
 class ScaledAnswers(PowerRatioEstimator):
@@ -305,3 +306,63 @@ def test_a_pair_refused_on_the_last_iteration_is_an_error_not_a_completed_run():
     with serving(RangeLimited(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
         res = run_deepfocus_af(sem, settings_for(address, max_iterations=1, max_wd_stig_diff=(80e-6, 2.0, 2.0)))
     assert not res.ok and "ERROR" in res.message and (sem.wd, sem.stig) == start
+
+
+class PlayingLens(FakeSBEMimageSEM):
+    """Its objective lens follows the set wd only once it has moved more than ``play`` (half-width)."""
+
+    def __init__(self, play: float, **kw):
+        super().__init__(**kw)
+        self.play, self.lens = play, self.wd
+
+    def set_wd(self, target_wd: float) -> bool:
+        super().set_wd(target_wd)
+        self.lens = min(max(self.lens, self.wd - self.play), self.wd + self.play)
+        return True
+
+    def acquire_frame(self, save_path_filename, extra_delay=0) -> bool:
+        wd, self.wd = self.wd, self.lens          # the frame shows where the lens is
+        try:
+            return super().acquire_frame(save_path_filename, extra_delay)
+        finally:
+            self.wd = wd
+
+
+class PairCentreAnswers(PowerRatioEstimator):
+    """Exact answers from the pair's centre, the set wd (the play cancels between the pair's frames)."""
+
+    def __init__(self, sem, **kw):
+        super().__init__(**kw)
+        self.sem = sem
+
+    def estimate(self, *args, **kw):
+        c = super().estimate(*args, **kw)
+        s = self.sem
+        c.wd_um = (s.true_wd - s.wd) * 1e6
+        c.stig_x, c.stig_y = s.true_stig[0] - s.stig[0], s.true_stig[1] - s.stig[1]
+        c.status, c.extra, c.uncertainty_wd_um, c.uncertainty_stig = "ok", {}, 0.01, 0.001
+        return c
+
+
+@pytest.mark.parametrize("start_um", [-6.0, 6.0])
+def test_the_lens_play_given_is_compensated_and_a_step_up_comes_down_onto_its_target(start_um):
+    play_um = 0.5
+    ends = {}
+    for given in (0.0, play_um):
+        sem = PlayingLens(play_um * 1e-6)
+        sem.set_wd(sem.true_wd + start_um * 1e-6)
+        with serving(PairCentreAnswers(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)) as address:
+            res = run_deepfocus_af(sem, settings_for(address, lens_play_um=given, wd_tolerance_um=0.1))
+        assert res.ok and res.converged, res.message
+        ends[given] = (sem.lens - sem.true_wd) * 1e6
+        if given and start_um < 0:
+            # the first step (up) went beyond its target by 4 x the play, then came down onto it
+            target = res.iterations[1].wd_before_m
+            assert sem.wd_log[4:6] == pytest.approx([target + 2e-6, target])
+    assert abs(ends[0.0]) == pytest.approx(play_um, abs=1e-6)
+    assert abs(ends[play_um]) < 1e-3
+
+
+def test_a_lens_play_beyond_reason_is_refused_by_name():
+    with pytest.raises(ValueError, match="deepfocus_lens_play_um"):
+        DeepFocusSettings(lens_play_um=-0.2)

@@ -79,6 +79,7 @@ class AutofocusSettings:
     gain_min_step_stig: float = StepSettings.gain_min_step_stig
     gain_limits: tuple[float, float] = StepSettings.gain_limits
     fuse_stig: bool = StepSettings.fuse_stig
+    fuse_wd: bool = StepSettings.fuse_wd
     # far beyond the estimator's range (see the module text); 0: never
     far_perturbation_factor: float = _PROFILE_DEFAULTS.far_perturbation_factor
     # half-width of the objective lens' play (see ``set_wd_coming_down``); 0: not compensated
@@ -210,15 +211,18 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     frames_n, dose, compute = 0, 0.0, 0.0
     outcome, message = "iteration_limit", ""
 
+    # lens play is compensated where the loop takes the pairs itself (their frames come down onto wd at the end)
+    play = 0.0 if hasattr(estimator, "measure") else s.lens_play_m
+    # near focus the wd answers are weighed against the earlier ones only where the lens goes where it is sent
+    # (steps._StigFusion): with play left, a step moves the lens by up to the play more or less than itself
+    step_settings = replace(s, fuse_wd=s.fuse_wd and play > 0)
+
     def new_planner() -> StepPlanner:
         # the bench's negative tolerances never stop the loop: then the profile default is the guards' unit
-        return StepPlanner(s, bool(getattr(estimator, "stig_shares_wd_scale", False)),
+        return StepPlanner(step_settings, bool(getattr(estimator, "stig_shares_wd_scale", False)),
                            s.tol_stig if s.tol_stig > 0 else _PROFILE_DEFAULTS.tol_stig)
 
     planner = new_planner()
-
-    # lens play is compensated where the loop takes the pairs itself (their frames come down onto wd at the end)
-    play = 0.0 if hasattr(estimator, "measure") else s.lens_play_m
 
     def move_wd(new_wd: float) -> None:
         check_total(new_wd)
@@ -369,7 +373,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
             outcome = "failed"
     return AutofocusResult(outcome, len(trace), trace, frames_n, dose, elapsed(), compute, start_wd, start_stig,
                            sem.get_wd_m(), sem.get_stig(), message,
-                           {"wall_s": time.perf_counter() - wall0, "perturbation_m": d})
+                           {"wall_s": time.perf_counter() - wall0, "perturbation_m": d, "lens_play_m": play})
 
 
 def summarise(result: AutofocusResult) -> list[dict[str, Any]]:

@@ -339,7 +339,9 @@ def _planner(hello: dict[str, Any], st: DeepFocusSettings) -> StepPlanner:
     max_wd, max_sx, max_sy = st.max_wd_stig_diff
     # steps are not clipped here: one beyond max_wd_stig_diff ends the run instead (_check_within_limits)
     settings = StepSettings(max_step_wd_m=max(2 * max_wd, 1e-9), max_step_stig=max(2 * max_sx, 2 * max_sy, 1e-9),
-                            correct_stig=bool(st.aberr_mode[1] or st.aberr_mode[2]))
+                            correct_stig=bool(st.aberr_mode[1] or st.aberr_mode[2]),
+                            # as in deepfocus.autofocus: the wd answers weighed only where the play is compensated
+                            fuse_wd=st.lens_play_um > 0)
     return StepPlanner(settings, bool(hello.get("stig_shares_wd_scale")), st.stig_tolerance)
 
 

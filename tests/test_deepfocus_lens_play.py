@@ -86,3 +86,34 @@ def test_the_play_comes_from_the_profile_and_nonsense_is_refused_by_name():
         AutofocusSettings(lens_play_m=float("nan"))
     with pytest.raises(ValueError, match="lens_play_m"):
         AutofocusSettings(lens_play_m=20e-6)
+
+
+class Scripted(Estimator):
+    """Prepared answers near focus, each from 8 patches that spread 0.4 um in wd."""
+
+    def __init__(self, wd_answers_um):
+        self.answers = list(wd_answers_um)
+
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None):
+        wd = self.answers.pop(0)
+        return Correction(wd, 0.0, 0.0, 0.0, 0.0, 0.4, 0.01, n_patches=8)
+
+
+def _wd_steps_um(scope, play_um):
+    sem = scope.sem
+    res = autofocus(sem, Scripted([0.8, -0.6, 0.5]), AutofocusSettings(max_iterations=3, tol_wd_m=-1.0,
+                                                                      tol_stig=-1.0, lens_play_m=play_um * 1e-6))
+    return [(r.applied_wd_m - r.wd_m) * 1e6 for r in res.trace]
+
+
+def test_near_focus_the_wd_answers_are_weighed_only_where_the_play_is_compensated(scope):
+    # without play compensation a step moves the lens by up to the play more or less than itself, and the
+    # answers are taken as they come; with it they are weighed against what the earlier ones said is left
+    assert _wd_steps_um(scope, 0.0) == pytest.approx([0.8, -0.6, 0.5])
+    play = 0.1
+    first, second, third = _wd_steps_um(scope, play)
+    assert first == pytest.approx(0.8 - play)
+    # the first answer less its step says 0 is left, the second says -0.7: about halfway, the earlier one
+    # counting a little less (a step adds a fifth of itself to its variance)
+    assert -0.7 < second < -0.3
+    assert abs(third) < abs(0.5 - play)

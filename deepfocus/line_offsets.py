@@ -30,14 +30,22 @@ REF_CYCLES = (2, 3, 4)
 _BASIS: dict[int, torch.Tensor] = {}
 
 
+# the basis is padded with zero columns to this many: a product with 7 columns took 0.73 ms for 16 patches of
+# 256 px on an AMD EPYC (MKL), with 16 columns 0.23 ms
+BASIS_COLUMNS = 16
+
+
 def _basis(w: int) -> torch.Tensor:
-    """(w, 1 + 2 K): the plain mean, then cosines and sines at REF_CYCLES cycles per ``w``, each divided by ``w``."""
+    """(w, BASIS_COLUMNS): the plain mean, then cosines and sines at REF_CYCLES cycles per ``w``, each divided by
+    ``w``, then zeros."""
     if w not in _BASIS:
         x = torch.arange(w, dtype=torch.float64).unsqueeze(1)
         k = torch.tensor(REF_CYCLES, dtype=torch.float64).unsqueeze(0)
         ph = 2.0 * math.pi * x * k / w
-        _BASIS[w] = (torch.cat([torch.ones(w, 1, dtype=torch.float64), torch.cos(ph), torch.sin(ph)], dim=1)
-                     / w).float()
+        b = torch.zeros(w, BASIS_COLUMNS, dtype=torch.float64)
+        b[:, :1 + 2 * len(REF_CYCLES)] = torch.cat([torch.ones(w, 1, dtype=torch.float64), torch.cos(ph),
+                                                    torch.sin(ph)], dim=1) / w
+        _BASIS[w] = b.float()
     return _BASIS[w]
 
 
@@ -53,7 +61,8 @@ def offset_ratio(x: torch.Tensor) -> torch.Tensor:
     weighted means at REF_CYCLES (about 1 without line offsets)."""
     m, h, w = x.shape
     # one product gives the plain and the weighted row means of every row
-    means = (x.reshape(m * h, w) @ _basis(w)).reshape(m, h, -1).transpose(1, 2).reshape(-1, h)
+    used = 1 + 2 * len(REF_CYCLES)
+    means = (x.reshape(m * h, w) @ _basis(w))[:, :used].reshape(m, h, used).transpose(1, 2).reshape(-1, h)
     power = _short_range(means).pow(2).mean(dim=1).reshape(m, -1)
     # a complex weighted mean's power is the sum of its cosine and sine parts'
     return power[:, 0] / (power[:, 1:].sum(dim=1) / len(REF_CYCLES)).clamp(min=1e-30)

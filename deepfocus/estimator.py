@@ -306,7 +306,7 @@ class DeepFocusEstimator(Estimator):
         cr = contrast_ratio(a, b, pixel_size_m, binned) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
-            maps = equalising_maps(cr.ratio, cr.mean_minus, cr.mean_plus, scale, off)
+            maps = equalising_maps(cr.applied, cr.mean_minus, cr.mean_plus, scale, off)
         x, lined = self._cut(a, b, offs, patch, nbin, maps)
         valid = self._structured(x)
         # a frame too small for min_patches patches side by side checks their agreement on tiles (below)

@@ -349,6 +349,8 @@ class DeepFocusEstimator(Estimator):
             extra["patches_moved_to_structure"] = filled
         if cr is not None and cr.ratio is not None:
             extra["contrast_ratio"] = round(cr.ratio, 4)
+            # what was divided out: the ratio shrunk towards 1 by its own noise (deepfocus.contrast)
+            extra["contrast_ratio_applied"] = round(cr.applied, 4)
             if not 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
                 return self._uncertain(
                     f"the wd + d frame has {cr.ratio:.2f} x the contrast of the wd - d frame on micrometre "

@@ -214,7 +214,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     # lens play is compensated where the loop takes the pairs itself (their frames come down onto wd at the end)
     play = 0.0 if hasattr(estimator, "measure") else s.lens_play_m
     # near focus the wd answers are weighed against the earlier ones only where the lens goes where it is sent
-    # (steps._StigFusion): with play left, a step moves the lens by up to the play more or less than itself
+    # (steps._AnswerFusion): with play left, a step moves the lens by up to the play more or less than itself
     step_settings = replace(s, fuse_wd=s.fuse_wd and play > 0)
 
     def new_planner() -> StepPlanner:

@@ -54,9 +54,9 @@ class StepSettings:
     # model rather than by a scale, set gains that cost it a correction from the corners (0.91 instead of 0.97
     # within the margin after three).
     gain_limits: tuple[float, float] = (0.6, 1.6)
-    # near focus, average each stigmator answer with what the earlier ones said is left (see _StigFusion)
+    # near focus, average each stigmator answer with what the earlier ones said is left (see _AnswerFusion)
     fuse_stig: bool = True
-    # the same for the wd answers (see _StigFusion); loops pass it on only where the lens' play is compensated
+    # the same for the wd answers (see _AnswerFusion); loops pass it on only where the lens' play is compensated
     fuse_wd: bool = True
 
 
@@ -187,7 +187,7 @@ class _StigMap:
         return (p.conjugate() * answer - q * answer.conjugate()) / (abs(p) ** 2 - abs(q) ** 2)
 
 
-class _StigFusion:
+class _AnswerFusion:
     """Near focus, a stigmator answer is mostly noise around a small truth, and the step it asks for adds that
     noise to the setting. The answers before it, less the steps applied since, estimate the same truth with
     noise of their own: the loop steps by the variance-weighted mean of both (a Kalman filter on the correction
@@ -296,7 +296,8 @@ class PlannedStep:
 class StepPlanner:
     """Turns each answer of an estimator into the step a focus loop takes, learning from the steps taken before:
     the scale and stigmator map of the answers (``_AnswerScale``, ``_StigMap``), near focus the stigmator answers
-    weighed against the earlier ones (``_StigFusion``), and a guard against stigmator answers that grow
+    (and, where the lens' play is compensated, the wd answers) weighed against the earlier ones (``_AnswerFusion``),
+    and a guard against stigmator answers that grow
     (``_Divergence``). ``autofocus`` drives it, and so does a loop that runs elsewhere (the SBEMimage plug-in):
     ``plan(answer)``, apply the step (or less of it, a part switched off), then ``taken(step)`` with what was
     applied."""
@@ -307,8 +308,8 @@ class StepPlanner:
         self.s = settings
         self.scale = _AnswerScale(settings, stig_shares_wd_scale, stig_unit)
         self.divergence = _Divergence(stig_unit)
-        self.fusion = _StigFusion()
-        self.wd_fusion = _StigFusion()
+        self.fusion = _AnswerFusion()
+        self.wd_fusion = _AnswerFusion()
         self._corr: Correction | None = None
 
     def plan(self, corr: Correction) -> PlannedStep:

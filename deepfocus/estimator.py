@@ -25,7 +25,7 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
-from .line_offsets import remove_line_offsets_
+from .line_offsets import remove_line_offsets_where_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
 
@@ -308,7 +308,7 @@ class DeepFocusEstimator(Estimator):
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
             maps = equalising_maps(cr.applied, cr.mean_minus, cr.mean_plus, scale, off)
         x, lined = self._cut(a, b, offs, patch, nbin, maps)
-        valid = self._structured(x)
+        valid = self._structured(x, lined)
         # a frame too small for min_patches patches side by side checks their agreement on tiles (below)
         small = _tiles(a.shape, src) < s.min_patches
         filled = 0
@@ -343,8 +343,8 @@ class DeepFocusEstimator(Estimator):
             extra["shift_px"] = [shift.dy_px, shift.dx_px]
         if nbin > 1:
             extra["binned"] = nbin
-        if lined:
-            extra["line_offsets_removed"] = lined
+        if lined.any():
+            extra["line_offsets_removed"] = int(lined.sum())
         if filled:
             extra["patches_moved_to_structure"] = filled
         if cr is not None and cr.ratio is not None:
@@ -366,8 +366,8 @@ class DeepFocusEstimator(Estimator):
             # each tile answers less precisely than a whole patch, so this spread errs on the safe side.
             half = patch // 2
             tiles = _tile_offsets(a.shape, half * nbin, s.n_patches) if half >= 64 else []
-            xt = self._cut(a, b, tiles, half, nbin, maps)[0] if tiles else None
-            valid_t = self._structured(xt) if xt is not None else np.zeros(0, bool)
+            xt, lined_t = self._cut(a, b, tiles, half, nbin, maps) if tiles else (None, None)
+            valid_t = self._structured(xt, lined_t) if xt is not None else np.zeros(0, bool)
             if valid_t.sum() < s.min_patches:
                 return self._uncertain(
                     f"a frame of {a.shape[1]} x {a.shape[0]} px holds too few patches side by side to check that "
@@ -401,9 +401,9 @@ class DeepFocusEstimator(Estimator):
                           extra=extra)
 
     def _cut(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], patch: int, nbin: int,
-             maps) -> tuple[torch.Tensor, int]:
+             maps) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch pairs at ``offs`` (``patch`` px after ``nbin`` x ``nbin`` binning), scaled, contrast-matched and
-        with line offsets removed; and how many line offsets were removed."""
+        with line offsets removed; and which patches (N, 2) had line offsets removed."""
         # only the patches are converted to float: most of a frame is never looked at (converted while copied,
         # then scaled and contrast-matched in place: at these sizes every extra pass over the patches costs as
         # much as the registration)
@@ -420,26 +420,31 @@ class DeepFocusEstimator(Estimator):
         x = torch.from_numpy(pairs)
         for k, (gain, offset) in enumerate(maps):
             x[:, k].mul_(gain).sub_(offset)
-        lined = remove_line_offsets_(x) if self.settings.remove_line_offsets else 0
-        return x, lined
+        if self.settings.remove_line_offsets:
+            return x, remove_line_offsets_where_(x)
+        return x, torch.zeros(x.shape[:2], dtype=torch.bool)
 
-    def _structure(self, x: torch.Tensor) -> np.ndarray:
-        """Per patch pair, the least low/high-frequency power ratio (~1: noise only) of its frames' quadrants."""
+    def _structure(self, x: torch.Tensor, lined: torch.Tensor | None = None) -> np.ndarray:
+        """Per patch pair, the least low/high-frequency power ratio (~1: noise only) of its frames' quadrants;
+        ``lined`` (N, 2): patches that had line offsets removed, read without the fx = 0 column where their smooth
+        remainder stays (``features.structure_ratio``)."""
         # the structure test runs on 4 x 4 binned patches: binning keeps noise white and texture coloured
         n, patch = x.shape[0], x.shape[-1]
         xb = torch.nn.functional.avg_pool2d(x.reshape(2 * n, 1, patch, patch), 4).reshape(2 * n, patch // 4, patch // 4)
+        per = lined.reshape(2 * n) if lined is not None else None
         q = patch // 8
         if q >= 16:
             # Quadrant by quadrant: a patch mostly on blank ground (resin, a vessel, wafer milled bare) still
             # passes as a whole through the edge it holds, and such patches answered wd 6 um off on average
             # (tissue patches 0.3 um), enough to move the consensus. No quadrant may be noise only.
             xb = xb.reshape(2 * n, 2, q, 2, q).permute(0, 1, 3, 2, 4).reshape(8 * n, q, q)
+            per = per.repeat_interleave(4) if per is not None else None
         with torch.no_grad():
-            return structure_ratio(xb).reshape(n, -1).min(dim=1).values.numpy()
+            return structure_ratio(xb, per).reshape(n, -1).min(dim=1).values.numpy()
 
-    def _structured(self, x: torch.Tensor) -> np.ndarray:
+    def _structured(self, x: torch.Tensor, lined: torch.Tensor | None = None) -> np.ndarray:
         """Which patch pairs show structure in both frames."""
-        return self._structure(x) > self.settings.min_structure
+        return self._structure(x, lined) > self.settings.min_structure
 
     def _fill_up(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], x: torch.Tensor,
                  valid: np.ndarray, patch: int, nbin: int, maps,
@@ -484,8 +489,8 @@ class DeepFocusEstimator(Estimator):
             cand = [o for o in dict.fromkeys(_tile_offsets(a.shape, src) + shifted) if o not in offs and free(o, kept)]
         if not cand:
             return x, valid, 0
-        xc, _ = self._cut(a, b, cand, patch, nbin, maps)
-        sc = self._structure(xc)
+        xc, lined_c = self._cut(a, b, cand, patch, nbin, maps)
+        sc = self._structure(xc, lined_c)
         added: list[int] = []
         for i in np.argsort(-sc):
             if sc[i] <= self.settings.min_structure or len(kept) >= len(offs):

@@ -154,13 +154,20 @@ def _bands(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _BANDS[key]
 
 
-def structure_ratio(patch: torch.Tensor) -> torch.Tensor:
-    """Low- over high-frequency power of (N, H, W) patches: about 1 for white noise or a constant image."""
+def structure_ratio(patch: torch.Tensor, without_line_column: torch.Tensor | None = None) -> torch.Tensor:
+    """Low- over high-frequency power of (N, H, W) patches: about 1 for white noise or a constant image.
+
+    ``without_line_column`` (N,) bool: for these patches the fx = 0 column is left out of the low band. Per-line
+    brightness offsets put power there alone, and after ``deepfocus.line_offsets`` their smooth remainder made blank
+    ground pass for structure. Only for patches that had offsets: a horizontal edge between tissue and blank
+    ground also lives there, and leaving it out everywhere lost such patches on frames three quarters blank."""
     n, h, w = patch.shape
     x = patch - patch.mean(dim=(1, 2), keepdim=True)
     spec = torch.fft.rfft2(x)
     power = spec.real * spec.real + spec.imag * spec.imag
     low, high = _bands(h, w)
     lo = (power * low).sum(dim=(1, 2))
+    if without_line_column is not None and bool(without_line_column.any()):
+        lo = lo - (power[:, :, 0] * low[:, 0]).sum(dim=1) * without_line_column.to(lo.dtype)
     hi = (power * high).sum(dim=(1, 2))
     return lo / hi.clamp(min=1e-20)

@@ -71,9 +71,15 @@ def offset_ratio(x: torch.Tensor) -> torch.Tensor:
 def remove_line_offsets_(x: torch.Tensor) -> int:
     """In place on (N, 2, P, P) patch pairs (rows are scan lines): each patch of each frame whose offset ratio
     exceeds MIN_RATIO loses the short-range variation of its row means. Returns how many were changed."""
+    return int(remove_line_offsets_where_(x).sum())
+
+
+def remove_line_offsets_where_(x: torch.Tensor) -> torch.Tensor:
+    """``remove_line_offsets_``, returning which patches were changed: (N, 2) bool. Their smooth remainder (the
+    running mean over SMOOTH_ROWS is left) stays in the fx = 0 column of their spectra."""
     n, c, h, w = x.shape
     flat = x.reshape(n * c, h, w)
     hit = offset_ratio(flat) > MIN_RATIO
     if bool(hit.any()):
         flat[hit] -= _short_range(flat[hit].mean(dim=2)).unsqueeze(2)
-    return int(hit.sum())
+    return hit.reshape(n, c)

@@ -452,5 +452,10 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
     # a first iteration has nothing to learn from yet: the profile's calibration is taken as it is
     assert out["iterations"][0]["gain"] == 1.0 and out["iterations"][0]["stig_turn_deg"] == 0.0
     assert out["iterations"][0]["stig_map"] == "turn"
+    # the profile's lens play (none measured in the shipped one) is what the loop compensated
+    assert out["lens_play_compensated_um"] == 0.0
+    main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_iterations=1", "--set",
+          "autofocus.lens_play_um=0.17", "--start-wd-um", "10", "--dwell-ns", "50", "--frame-px", "512", "512", "--json"])
+    assert json.loads(capsys.readouterr().out)["lens_play_compensated_um"] == pytest.approx(0.17)
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err

@@ -25,7 +25,7 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
-from .line_offsets import remove_line_offsets_where_
+from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
 
@@ -421,7 +421,7 @@ class DeepFocusEstimator(Estimator):
         for k, (gain, offset) in enumerate(maps):
             x[:, k].mul_(gain).sub_(offset)
         if self.settings.remove_line_offsets:
-            return x, remove_line_offsets_where_(x)
+            return x, remove_line_offsets_(x)
         return x, torch.zeros(x.shape[:2], dtype=torch.bool)
 
     def _structure(self, x: torch.Tensor, lined: torch.Tensor | None = None) -> np.ndarray:

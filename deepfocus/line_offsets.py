@@ -68,15 +68,11 @@ def offset_ratio(x: torch.Tensor) -> torch.Tensor:
     return power[:, 0] / (power[:, 1:].sum(dim=1) / len(REF_CYCLES)).clamp(min=1e-30)
 
 
-def remove_line_offsets_(x: torch.Tensor) -> int:
+def remove_line_offsets_(x: torch.Tensor) -> torch.Tensor:
     """In place on (N, 2, P, P) patch pairs (rows are scan lines): each patch of each frame whose offset ratio
-    exceeds MIN_RATIO loses the short-range variation of its row means. Returns how many were changed."""
-    return int(remove_line_offsets_where_(x).sum())
-
-
-def remove_line_offsets_where_(x: torch.Tensor) -> torch.Tensor:
-    """``remove_line_offsets_``, returning which patches were changed: (N, 2) bool. Their smooth remainder (the
-    running mean over SMOOTH_ROWS is left) stays in the fx = 0 column of their spectra."""
+    exceeds MIN_RATIO loses the short-range variation of its row means. Returns which were changed, (N, 2) bool:
+    their smooth remainder (the running mean over SMOOTH_ROWS is left) stays in the fx = 0 column of their
+    spectra."""
     n, c, h, w = x.shape
     flat = x.reshape(n * c, h, w)
     hit = offset_ratio(flat) > MIN_RATIO

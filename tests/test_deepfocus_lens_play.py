@@ -117,3 +117,19 @@ def test_near_focus_the_wd_answers_are_weighed_only_where_the_play_is_compensate
     # counting a little less (a step adds a fifth of itself to its variance)
     assert -0.7 < second < -0.3
     assert abs(third) < abs(0.5 - play)
+
+
+class OwnFrames:
+    """A method that takes its own frames (as a sharpness sweep does): its answers are not the pair's."""
+    perturbation_m = 5e-6
+
+    def measure(self, sem, settings):
+        return Correction(1.0, 0.0, 0.0, 0.0, 0.0, 0.01, 0.001), []
+
+
+def test_methods_that_take_their_own_frames_are_not_compensated(scope):
+    sem = scope.sem
+    wd0 = sem.get_wd_m()
+    res = autofocus(sem, OwnFrames(), AutofocusSettings(max_iterations=1, lens_play_m=PLAY_UM * 1e-6))
+    assert res.extra["lens_play_m"] == 0.0
+    assert res.trace[0].applied_wd_m - wd0 == pytest.approx(1e-6, abs=1e-12)

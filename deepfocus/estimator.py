@@ -25,6 +25,7 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
+from .models import symmetry_averaged
 from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
@@ -157,6 +158,9 @@ class EstimatorSettings:
     # each patch pair also answered mirrored left to right and the two answers averaged, where the model can
     # (spectral models exported since; see models/README.md, "Mirror averaging")
     mirror_average: bool = True
+    # and swapped (the wd + d frame first, answers turned over), where the model has a spectral front end
+    # (models.symmetry_averaged)
+    swap_average: bool = True
     # A frame larger than 1024 x 768 (in the model's pixels) gets n_patches for each 1024 x 768 of its area, up to
     # max_patches: 8 patches of 256 px read a sixth of a 2048 x 1536 frame, and far from focus the first
     # correction's error is much of it the field's own structure, which more of the field averages down (from the
@@ -210,8 +214,14 @@ class DeepFocusEstimator(Estimator):
                 self._forward()(x, 10.0)
 
     def _forward(self):
-        """The model's answer for a batch of patch pairs: mirror-averaged where the model has it."""
-        if self.settings.mirror_average and hasattr(self.model, "forward_mirror_averaged"):
+        """The model's answer for a batch of patch pairs: averaged over the pair swapped and mirrored where the
+        model allows."""
+        s = self.settings
+        if s.swap_average:
+            f = symmetry_averaged(self.model, mirror=s.mirror_average)
+            if f is not None:
+                return f
+        if s.mirror_average and hasattr(self.model, "forward_mirror_averaged"):
             return self.model.forward_mirror_averaged
         return self.model
 

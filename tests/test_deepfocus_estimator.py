@@ -302,3 +302,27 @@ def test_shipped_model_answers_mirror_averaged_and_older_models_plainly(pair):
     v4 = load_estimator(DEFAULT_MODEL.parent / "spectral_v4.pt", device="cpu")
     assert not hasattr(v4.model, "forward_mirror_averaged")
     assert v4.estimate(*pair, 10e-9, 5e-6).status == "ok"
+
+
+def test_a_pair_passed_the_other_way_round_is_answered_exactly_the_other_way_round():
+    # The probe for aberration M is the probe for -M, so the swapped pair is the pair of the opposite aberration.
+    # The model alone answers it not quite so (far from focus 0.35 um apart in astigmatism here); averaged over the
+    # pair and its swap, the two answers are each other's negative.
+    from deepfocus.autofocus import acquire_pair
+    from deepfocus.estimator import EstimatorSettings, load_estimator_for
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a", ["seed=4"])
+    sem, sim = scope.sem, scope.sim
+    sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+    sem.set_stig(*(np.array(sim.true_stig()) + (2.0, -1.5)))
+    sem.set_wd_m(sim.true_wd_m() + 25e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    sums = {}
+    for swap in (True, False):
+        est = load_estimator_for(scope.config, settings=EstimatorSettings(swap_average=swap))
+        a = est.estimate(minus.image, plus.image, 10e-9, 5e-6)
+        b = est.estimate(plus.image, minus.image, 10e-9, 5e-6)
+        assert a.status == b.status == "ok" and a.wd_um == pytest.approx(-25.0, abs=1.5)
+        sums[swap] = np.abs([a.wd_um + b.wd_um, a.astig_x_um + b.astig_x_um, a.astig_y_um + b.astig_y_um])
+    assert sums[True].max() < 1e-3
+    assert sums[False].max() > 0.1

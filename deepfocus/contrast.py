@@ -65,8 +65,8 @@ def _surface_basis(h: int, w: int) -> np.ndarray:
 
 
 def _band(image: np.ndarray, pixel_um: float, factor: int) -> tuple[float, float, np.ndarray]:
-    """(band std, frame mean) of one frame, ``image`` already binned ``factor`` x ``factor`` or at full
-    resolution with ``factor`` still to apply."""
+    """(band std, frame mean, band std per block) of one frame, ``image`` already binned ``factor`` x ``factor``
+    or at full resolution with ``factor`` still to apply."""
     small = image
     if factor > 1:
         h, w = (n // factor * factor for n in image.shape)

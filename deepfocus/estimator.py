@@ -190,6 +190,7 @@ class DeepFocusEstimator(Estimator):
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.model = model.to(self.device).eval()
+        self._symmetry_averaged: dict = {}
         self.model_id = model_id or str(self.meta.get("arch", "model"))
         self.perturbation_m = float(self.meta.get("perturbation_um", 5.0)) * 1e-6
         rng = self.meta.get("model_pixel_nm_range") or (DEFAULT_MODEL_PIXEL_RANGE_NM if self.alpha_ref_mrad else None)
@@ -218,9 +219,12 @@ class DeepFocusEstimator(Estimator):
         model allows."""
         s = self.settings
         if s.swap_average:
-            f = symmetry_averaged(self.model, mirror=s.mirror_average)
-            if f is not None:
-                return f
+            # kept per setting: the settings may be replaced between estimates
+            key = bool(s.mirror_average)
+            if key not in self._symmetry_averaged:
+                self._symmetry_averaged[key] = symmetry_averaged(self.model, mirror=key)
+            if self._symmetry_averaged[key] is not None:
+                return self._symmetry_averaged[key]
         if s.mirror_average and hasattr(self.model, "forward_mirror_averaged"):
             return self.model.forward_mirror_averaged
         return self.model

@@ -185,18 +185,19 @@ def symmetry_averaged(model: nn.Module, mirror: bool = True):
     front, head = getattr(model, "front", None), getattr(model, "head", None)
     if front is None or head is None or not hasattr(front, "forward_mirrored"):
         return None
-    signs = [(1.0, 1.0, 1.0, 1.0), MIRRORED_SIGN, SWAPPED_SIGN, SWAPPED_MIRRORED_SIGN] if mirror else \
-        [(1.0, 1.0, 1.0, 1.0), SWAPPED_SIGN]
+    # built once: the loop calls this for every estimate
+    sign = torch.tensor([(1.0, 1.0, 1.0, 1.0), MIRRORED_SIGN, SWAPPED_SIGN, SWAPPED_MIRRORED_SIGN] if mirror else
+                        [(1.0, 1.0, 1.0, 1.0), SWAPPED_SIGN]).unsqueeze(1)
 
     def forward(pair: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
-        feat, mirrored = front.forward_mirrored(pair, pixel_size_nm)
-        maps = [feat, mirrored] if mirror else [feat]
+        # the mirrored map only where it is asked for: it costs a grouping of the whole spectrum
+        maps = list(front.forward_mirrored(pair, pixel_size_nm)) if mirror else [front(pair, pixel_size_nm)]
         swapped = [m.clone() for m in maps]
         for m in swapped:
             m[:, 0].neg_()
         out = head(torch.cat(maps + swapped))
-        sign = torch.tensor(signs, dtype=out.dtype, device=out.device)
-        return (out.reshape(len(signs), pair.shape[0], -1) * sign.unsqueeze(1)).mean(dim=0)
+        s = sign.to(dtype=out.dtype, device=out.device)
+        return (out.reshape(s.shape[0], pair.shape[0], -1) * s).mean(dim=0)
     return forward
 
 

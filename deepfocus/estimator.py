@@ -67,8 +67,11 @@ def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndar
         return a, b, 1 / 32767.5, 1.0
     if a.dtype.kind not in "fiu":
         raise ValueError(f"unsupported image type {a.dtype}")
-    if a.dtype.kind == "f" and not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("image contains NaN or infinite values")
+    if a.dtype.kind == "f":
+        for name, img in (("wd - d", a), ("wd + d", b)):
+            bad = int(img.size - np.count_nonzero(np.isfinite(img)))
+            if bad:
+                raise ValueError(f"the {name} image contains {bad} NaN or infinite pixel(s)")
     lo = float(min(a.min(), b.min()))
     hi = float(max(a.max(), b.max()))
     scale = 2.0 / max(hi - lo, 1e-12)

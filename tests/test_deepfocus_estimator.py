@@ -48,7 +48,8 @@ def test_a_pair_gives_a_finite_correction_with_uncertainty(model_file, pair):
 
 @pytest.mark.parametrize("minus, plus, match", [
     (np.zeros((256, 256), np.uint8), np.zeros((256, 300), np.uint8), "differ in shape"),
-    (np.full((256, 256), np.nan, np.float32), np.zeros((256, 256), np.float32), "NaN"),
+    (np.full((256, 256), np.nan, np.float32), np.zeros((256, 256), np.float32), "wd - d image contains 65536 NaN"),
+    (np.zeros((256, 256), np.float32), np.eye(256, dtype=np.float32) / 0, "wd \\+ d image contains 65536 NaN or inf"),
     (np.zeros((256, 256), np.uint8), np.zeros((256, 256), np.uint16), "differ in type"),
     (np.zeros((3, 256, 256), np.uint8), np.zeros((3, 256, 256), np.uint8), "2-D"),
 ])

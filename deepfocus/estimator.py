@@ -26,6 +26,7 @@ from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
 from .models import symmetry_averaged
+from .patches import consensus, count_tiles, overlaps_little, patch_count, patch_offsets, tile_offsets
 from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
@@ -85,61 +86,6 @@ def normalise_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.
             b.astype(np.float32) * np.float32(scale) - np.float32(off))
 
 
-def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "grid",
-                  seed: int = 0) -> list[tuple[int, int]]:
-    """Top-left corners of ``n`` patches: an even grid over the frame, or seeded random."""
-    h, w = shape
-    if layout == "random":
-        rng = np.random.default_rng(seed)
-        return [(int(rng.integers(0, h - patch + 1)), int(rng.integers(0, w - patch + 1))) for _ in range(n)]
-    if layout != "grid":
-        raise ValueError(f"patch layout must be 'grid' or 'random', got {layout!r}")
-    rows = max(1, min(int(round(math.sqrt(n * h / w))), h // patch if h >= 2 * patch else 1))
-    rows = max(1, min(rows, n))
-    cols = max(1, math.ceil(n / rows))
-    ys = np.linspace(0, h - patch, rows).round().astype(int) if rows > 1 else [(h - patch) // 2]
-    xs = np.linspace(0, w - patch, cols).round().astype(int) if cols > 1 else [(w - patch) // 2]
-    return [(int(y), int(x)) for y in ys for x in xs][:n]
-
-
-def _tiles(shape: tuple[int, int], patch: int) -> int:
-    """How many patches of ``patch`` px fit side by side without overlapping."""
-    return (shape[0] // patch) * (shape[1] // patch)
-
-
-# the frame n_patches is meant for, in the model's pixels (after any binning of fine pixels)
-REFERENCE_FRAME_PX = 1024 * 768
-
-
-def patch_count(shape: tuple[int, int], nbin: int, settings: "EstimatorSettings") -> int:
-    """Patch pairs for a frame of ``shape`` px binned ``nbin`` x ``nbin`` for the model (``EstimatorSettings``'s
-    scaling with the frame's area)."""
-    n = settings.n_patches
-    if not settings.patches_scale_with_frame:
-        return n
-    scaled = int(round(n * (shape[0] // nbin) * (shape[1] // nbin) / REFERENCE_FRAME_PX))
-    return max(n, min(scaled, settings.max_patches))
-
-
-def _tile_offsets(shape: tuple[int, int], patch: int, n: int | None = None) -> list[tuple[int, int]]:
-    """Top-left corners of up to ``n`` (None: all) non-overlapping patches, the grid centred in the frame."""
-    rows, cols = shape[0] // patch, shape[1] // patch
-    y0, x0 = (shape[0] - rows * patch) // 2, (shape[1] - cols * patch) // 2
-    return [(y0 + r * patch, x0 + c * patch) for r in range(rows) for c in range(cols)][:n]
-
-
-# a replacement patch may share at most this share of its area with the patches kept
-MAX_PATCH_OVERLAP = 0.25
-
-
-def consensus(pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Score-weighted mean of per-patch (wd, ax, ay, score) answers and the weighted spread around it."""
-    w = np.exp(pred[:, 3] - pred[:, 3].max())
-    w /= w.sum()
-    mean = (pred[:, :3] * w[:, None]).sum(axis=0)
-    return mean, np.sqrt((w[:, None] * (pred[:, :3] - mean) ** 2).sum(axis=0))
-
-
 @dataclass
 class EstimatorSettings:
     n_patches: int = 8                   # on a frame of 1024 x 768 px (in the model's pixels) or smaller
@@ -171,6 +117,13 @@ class EstimatorSettings:
     # "Larger frames")
     patches_scale_with_frame: bool = True
     max_patches: int = 16
+    # An answer at least far_wd_um from focus is taken again with far_patches patch pairs (the patches already
+    # answered and as many new ones as fit beside them, where the frame shows structure everywhere): far from
+    # focus the answer's error is mostly the field's own structure, which more of the field averages down, and
+    # near focus, where most corrections are, the cheaper count answers as well (deepfocus/README.md, "More of
+    # the field far from focus"). 0 or a count no larger than n_patches: never.
+    far_patches: int = 12
+    far_wd_um: float = 10.0
 
 
 class DeepFocusEstimator(Estimator):
@@ -210,12 +163,16 @@ class DeepFocusEstimator(Estimator):
 
     def _warm_up(self) -> None:
         # TorchScript optimises on its first calls: pay that at load, not in the first correction
-        p = self.settings.patch_px
-        x = torch.zeros(self.settings.n_patches, 2, p, p, device=self.device)
-        x[:, :, ::7, ::5] = 1.0
-        with torch.no_grad():
-            for _ in range(3):
-                self._forward()(x, 10.0)
+        # (the batches of the usual estimate and of the patches a far answer adds)
+        s, p = self.settings, self.settings.patch_px
+        for n in {s.n_patches, s.far_patches - s.n_patches}:
+            if n <= 0:
+                continue
+            x = torch.zeros(n, 2, p, p, device=self.device)
+            x[:, :, ::7, ::5] = 1.0
+            with torch.no_grad():
+                for _ in range(3):
+                    self._forward()(x, 10.0)
 
     def _forward(self):
         """The model's answer for a batch of patch pairs: averaged over the pair swapped and mirrored where the
@@ -319,7 +276,8 @@ class DeepFocusEstimator(Estimator):
                              f"this model: too small, need at least {64 * nbin} px per side")
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
-        offs = list(dict.fromkeys(patch_offsets(a.shape, src, patch_count(a.shape, nbin, s), s.layout, s.seed)))
+        n = self._patch_count(a.shape, nbin, s.n_patches)
+        offs = list(dict.fromkeys(patch_offsets(a.shape, src, n, s.layout, s.seed)))
         cr = contrast_ratio(a, b, pixel_size_m, binned) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
         if cr is not None and cr.ratio is not None and 1 / s.max_contrast_ratio <= cr.ratio <= s.max_contrast_ratio:
@@ -327,7 +285,7 @@ class DeepFocusEstimator(Estimator):
         x, lined = self._cut(a, b, offs, patch, nbin, maps)
         valid = self._structured(x, lined)
         # a frame too small for min_patches patches side by side checks their agreement on tiles (below)
-        small = _tiles(a.shape, src) < s.min_patches
+        small = count_tiles(a.shape, src) < s.min_patches
         filled = 0
         if not small and valid.sum() < len(offs):
             x, valid, filled = self._fill_up(a, b, offs, x, valid, patch, nbin, maps, binned)
@@ -376,13 +334,20 @@ class DeepFocusEstimator(Estimator):
                     int(valid.sum()), extra)
         pred = self._infer(x, valid, model_px_nm, d_ratio)
         mean, spread = consensus(pred)
+        if not small and not filled and abs(mean[0]) >= s.far_wd_um:
+            more = self._far_patches(a, b, offs, patch, nbin, maps, model_px_nm, d_ratio)
+            if more is not None:
+                pred = np.concatenate([pred, more])
+                mean, spread = consensus(pred)
+                extra["far_patches_added"] = len(more)
+                valid = np.ones(len(pred), bool)
         if small:
             # Fewer than min_patches patches fit side by side: the crops overlap, see mostly the same pixels
             # and agree whatever the error (measured: at 384 x 384 px the spread was 0.4 x the error, at
             # 256 x 256 zero). Their agreement is measured instead on half-size tiles that do not overlap;
             # each tile answers less precisely than a whole patch, so this spread errs on the safe side.
             half = patch // 2
-            tiles = _tile_offsets(a.shape, half * nbin, s.n_patches) if half >= 64 else []
+            tiles = tile_offsets(a.shape, half * nbin, s.n_patches) if half >= 64 else []
             xt, lined_t = self._cut(a, b, tiles, half, nbin, maps) if tiles else (None, None)
             valid_t = self._structured(xt, lined_t) if xt is not None else np.zeros(0, bool)
             if valid_t.sum() < s.min_patches:
@@ -441,6 +406,32 @@ class DeepFocusEstimator(Estimator):
             return x, remove_line_offsets_(x)
         return x, torch.zeros(x.shape[:2], dtype=torch.bool)
 
+    def _patch_count(self, shape: tuple[int, int], nbin: int, n: int) -> int:
+        s = self.settings
+        return patch_count(shape, nbin, n, s.patches_scale_with_frame, s.max_patches)
+
+    def _far_patches(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], patch: int, nbin: int, maps,
+                     model_px_nm: float, d_ratio: float) -> np.ndarray | None:
+        """Answers of the patch pairs that the far_patches grid adds to the ``offs`` already answered (those
+        overlapping them by at most MAX_PATCH_OVERLAP and showing structure); None where it adds none. On a
+        1024 x 768 frame the 8-patch grid leaves out the middle band that the 12-patch grid covers."""
+        s = self.settings
+        n = self._patch_count(a.shape, nbin, s.far_patches) if s.far_patches else 0
+        if n <= len(offs):
+            return None
+        src = patch * nbin
+        taken = list(offs)
+        new = []
+        for o in patch_offsets(a.shape, src, n, s.layout, s.seed):
+            if o not in taken and overlaps_little(o, taken, src):
+                new.append(o)
+                taken.append(o)
+        if not new:
+            return None
+        x, lined = self._cut(a, b, new, patch, nbin, maps)
+        valid = self._structured(x, lined)
+        return self._infer(x, valid, model_px_nm, d_ratio) if valid.any() else None
+
     def _structure(self, x: torch.Tensor, lined: torch.Tensor | None = None) -> np.ndarray:
         """Per patch pair, the least low/high-frequency power ratio (~1: noise only) of its frames' quadrants;
         ``lined`` (N, 2): patches that had line offsets removed, read without the fx = 0 column where their smooth
@@ -480,8 +471,7 @@ class DeepFocusEstimator(Estimator):
         kept = [o for o, v in zip(offs, valid) if v]
 
         def free(o: tuple[int, int], others: list[tuple[int, int]]) -> bool:
-            return all(max(0, src - abs(o[0] - k[0])) * max(0, src - abs(o[1] - k[1])) <= MAX_PATCH_OVERLAP * src ** 2
-                       for k in others)
+            return overlaps_little(o, others, src)
 
         scored = self._structure_map(binned, patch, nbin)
         if scored is not None:
@@ -501,9 +491,9 @@ class DeepFocusEstimator(Estimator):
         else:
             half = src // 2
             # the shifted tiling lies inside the frame less half a patch, so it stays inside the frame
-            shifted = [(y + half, x0 + half) for y, x0 in _tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
+            shifted = [(y + half, x0 + half) for y, x0 in tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
             # only candidates the kept grid patches leave room for are cut and tested
-            cand = [o for o in dict.fromkeys(_tile_offsets(a.shape, src) + shifted) if o not in offs and free(o, kept)]
+            cand = [o for o in dict.fromkeys(tile_offsets(a.shape, src) + shifted) if o not in offs and free(o, kept)]
         if not cand:
             return x, valid, 0
         xc, lined_c = self._cut(a, b, cand, patch, nbin, maps)

@@ -183,16 +183,15 @@ def test_settings_without_a_patch_size_take_the_models():
 
 
 def test_larger_frames_are_read_with_more_patch_pairs_up_to_the_limit():
-    from deepfocus.estimator import patch_count
-    s = EstimatorSettings()
-    assert patch_count((768, 1024), 1, s) == 8                   # the frame n_patches is meant for
-    assert patch_count((384, 512), 1, s) == 8                    # smaller frames: as many, overlapping
-    assert patch_count((960, 1280), 1, s) == 12                  # 1.56 x the area
-    assert patch_count((1536, 2048), 1, s) == 16                 # 4 x the area: capped at max_patches
-    assert patch_count((1536, 2048), 2, s) == 8                  # fine pixels binned 2 x 2 for the model
-    assert patch_count((1536, 2048), 1, EstimatorSettings(patches_scale_with_frame=False)) == 8
-    assert patch_count((1536, 2048), 1, EstimatorSettings(n_patches=12)) == 16
-    assert patch_count((1536, 2048), 1, EstimatorSettings(n_patches=20)) == 20     # never fewer than asked for
+    from deepfocus.patches import patch_count
+    assert patch_count((768, 1024), 1, 8) == 8                   # the frame n_patches is meant for
+    assert patch_count((384, 512), 1, 8) == 8                    # smaller frames: as many, overlapping
+    assert patch_count((960, 1280), 1, 8) == 12                  # 1.56 x the area
+    assert patch_count((1536, 2048), 1, 8) == 16                 # 4 x the area: capped at max_patches
+    assert patch_count((1536, 2048), 2, 8) == 8                  # fine pixels binned 2 x 2 for the model
+    assert patch_count((1536, 2048), 1, 8, scale_with_frame=False) == 8
+    assert patch_count((1536, 2048), 1, 12) == 16
+    assert patch_count((1536, 2048), 1, 20) == 20                # never fewer than asked for
 
 
 def test_a_2048_x_1536_pair_is_answered_from_sixteen_patch_pairs(model_file):
@@ -327,3 +326,34 @@ def test_a_pair_passed_the_other_way_round_is_answered_exactly_the_other_way_rou
         sums[swap] = np.abs([a.wd_um + b.wd_um, a.astig_x_um + b.astig_x_um, a.astig_y_um + b.astig_y_um])
     assert sums[True].max() < 1e-3
     assert sums[False].max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def far_and_near_pairs():
+    from deepfocus.autofocus import acquire_pair
+    from hardware.factory import open_microscope
+    out = {}
+    for name, z_um in (("far", 25.0), ("near", 2.0)):
+        scope = open_microscope("setup_a", ["seed=4"])
+        scope.sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+        scope.sem.set_wd_m(scope.sim.true_wd_m() + z_um * 1e-6)
+        minus, plus = acquire_pair(scope.sem, 5e-6)
+        out[name] = (minus.image, plus.image)
+    return out
+
+
+def test_an_answer_far_from_focus_is_taken_again_from_the_twelve_patch_grid(far_and_near_pairs):
+    """On 1024 x 768 the 8-patch grid is part of the 12-patch one: far from focus the estimator answers the 4
+    patches of the middle band too, exactly as a 12-patch estimator would; near focus it keeps the 8."""
+    default = load_estimator(DEFAULT_MODEL, device="cpu")
+    twelve = load_estimator(DEFAULT_MODEL, device="cpu", settings=EstimatorSettings(n_patches=12, far_patches=0))
+    eight = load_estimator(DEFAULT_MODEL, device="cpu", settings=EstimatorSettings(far_patches=0))
+    far = default.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6)
+    assert abs(far.wd_um) > 15 and far.extra["far_patches_added"] == 4 and far.n_patches == 12
+    ref = twelve.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6)
+    assert (far.wd_um, far.stig_x, far.stig_y) == pytest.approx((ref.wd_um, ref.stig_x, ref.stig_y), abs=1e-6)
+    assert eight.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6).n_patches == 8
+    near = default.estimate(*far_and_near_pairs["near"], 10e-9, 5e-6)
+    assert abs(near.wd_um) < 5 and "far_patches_added" not in near.extra and near.n_patches == 8
+    ref = eight.estimate(*far_and_near_pairs["near"], 10e-9, 5e-6)
+    assert (near.wd_um, near.stig_x, near.stig_y) == (ref.wd_um, ref.stig_x, ref.stig_y)

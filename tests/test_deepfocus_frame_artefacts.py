@@ -15,9 +15,10 @@ def res():
 def test_each_artefact_is_reported_with_and_without_the_frame_checks(res):
     assert set(res["changes"]) == {name for name, _, _ in CHANGES}
     clean = res["changes"]["none"]["deepfocus"]["bias_wd_um"]
-    # measured on these 3 pairs: a 1.25 gain moves the raw answer 3.56 um, the checked one 0.01; the data bar 0.29 um
-    # raw (averaged over the swapped pair too; more before), 0.01 checked
-    for name, moves_raw, moves_checked in (("gain 1.25", 1.5, 0.3), ("data bar 80 rows", 0.2, 0.1)):
+    # measured on these 3 pairs: a 1.25 gain moves the raw answer 3.46 um, the checked one 0.01; the data bar 0.15 um
+    # raw (more before the answers were averaged over the swapped pair and answers far from focus read 12 patches,
+    # 4 of them away from the bar), 0.01 checked
+    for name, moves_raw, moves_checked in (("gain 1.25", 1.5, 0.3), ("data bar 80 rows", 0.1, 0.05)):
         per = res["changes"][name]
         assert set(per) == {"deepfocus", RAW}
         # the artefact moves the raw answer; the shipped estimator answers as on the clean pair

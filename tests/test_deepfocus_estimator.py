@@ -351,7 +351,7 @@ def test_an_answer_far_from_focus_is_taken_again_from_the_twelve_patch_grid(far_
     far = default.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6)
     assert abs(far.wd_um) > 15 and far.extra["far_patches_added"] == 4 and far.n_patches == 12
     ref = twelve.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6)
-    assert (far.wd_um, far.stig_x, far.stig_y) == pytest.approx((ref.wd_um, ref.stig_x, ref.stig_y), abs=1e-6)
+    assert (far.wd_um, far.stig_x, far.stig_y) == pytest.approx((ref.wd_um, ref.stig_x, ref.stig_y), abs=1e-4)
     assert eight.estimate(*far_and_near_pairs["far"], 10e-9, 5e-6).n_patches == 8
     near = default.estimate(*far_and_near_pairs["near"], 10e-9, 5e-6)
     assert abs(near.wd_um) < 5 and "far_patches_added" not in near.extra and near.n_patches == 8

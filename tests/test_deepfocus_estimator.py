@@ -357,3 +357,18 @@ def test_an_answer_far_from_focus_is_taken_again_from_the_twelve_patch_grid(far_
     assert abs(near.wd_um) < 5 and "far_patches_added" not in near.extra and near.n_patches == 8
     ref = eight.estimate(*far_and_near_pairs["near"], 10e-9, 5e-6)
     assert (near.wd_um, near.stig_x, near.stig_y) == (ref.wd_um, ref.stig_x, ref.stig_y)
+
+
+def test_a_far_answer_on_a_large_frame_reads_up_to_far_max_patches():
+    """2048 x 1536 px: 16 patch pairs near focus; far from focus the 32-patch grid's patches that overlap those 16
+    by at most a quarter are added (14 of them)."""
+    from deepfocus.autofocus import acquire_pair
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a", ["seed=4"])
+    scope.sem.set_scan(pixel_size_m=10e-9, width_px=2048, height_px=1536, dwell_s=50e-9)
+    scope.sem.set_wd_m(scope.sim.true_wd_m() + 25e-6)
+    minus, plus = acquire_pair(scope.sem, 5e-6)
+    far = load_estimator(DEFAULT_MODEL, device="cpu").estimate(minus.image, plus.image, 10e-9, 5e-6)
+    assert far.n_patches == 30 and far.extra["far_patches_added"] == 14
+    capped = load_estimator(DEFAULT_MODEL, device="cpu", settings=EstimatorSettings(far_max_patches=16))
+    assert capped.estimate(minus.image, plus.image, 10e-9, 5e-6).n_patches == 16

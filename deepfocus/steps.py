@@ -213,13 +213,10 @@ class _AnswerFusion:
         self.var = 0.0
         self.key: tuple | None = None
 
-    def step(self, corr: Correction, mapped: tuple[float, float], gain: float, key: tuple) -> tuple[float, float]:
-        var = (corr.uncertainty_stig / gain) ** 2 / max(corr.n_patches, 1)
-        est = self.weigh(corr, complex(*mapped), var, key)
-        return est.real, est.imag
-
-    def weigh(self, corr: Correction, value: complex, var: float, key: tuple) -> complex:
-        """The variance-weighted mean of ``value`` (of variance ``var``) and what the earlier answers said."""
+    def weigh(self, corr: Correction, value: complex, uncertainty: float, gain: float, key: tuple) -> complex:
+        """The variance-weighted mean of ``value`` and what the earlier answers said; ``value``'s variance is that
+        of the mean of ``corr.n_patches`` answers spread by ``uncertainty``, in steps (divided by ``gain``)."""
+        var = (uncertainty / gain) ** 2 / max(corr.n_patches, 1)
         spread_known = corr.n_patches >= 2 and math.isfinite(var) and var > 0
         if not spread_known or abs(corr.wd_um) > self.NEAR_WD_UM or key != self.key:
             self.est = None
@@ -327,12 +324,14 @@ class StepPlanner:
         gain = scale.gain
         want_wd = corr.wd_um / gain * 1e-6
         if s.fuse_wd:
-            var = (corr.uncertainty_wd_um / gain) ** 2 / max(corr.n_patches, 1)
-            want_wd = self.wd_fusion.weigh(corr, complex(want_wd * 1e6), var, (gain,)).real * 1e-6
+            want_wd = self.wd_fusion.weigh(corr, complex(want_wd * 1e6), corr.uncertainty_wd_um, gain,
+                                           (gain,)).real * 1e-6
         dwd = _clip(want_wd, s.max_step_wd_m)
         sx, sy = scale.stig_step(corr)
         if s.fuse_stig and s.correct_stig and not wd_only:
-            sx, sy = self.fusion.step(corr, (sx, sy), gain, (scale.stig.kind, scale.stig.p, gain))
+            est = self.fusion.weigh(corr, complex(sx, sy), corr.uncertainty_stig, gain,
+                                    (scale.stig.kind, scale.stig.p, gain))
+            sx, sy = est.real, est.imag
         else:
             self.fusion.reset()
         dsx = _clip(sx, s.max_step_stig) if s.correct_stig else 0.0

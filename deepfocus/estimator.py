@@ -25,7 +25,7 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation
 from .databar import scanned_region
 from .features import structure_ratio
-from .models import symmetry_averaged
+from .models import cpu_head, symmetry_averaged
 from .patches import consensus, count_tiles, overlaps_little, patch_count, patch_offsets, tile_offsets
 from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
@@ -185,7 +185,8 @@ class DeepFocusEstimator(Estimator):
             # kept per setting: the settings may be replaced between estimates
             key = bool(s.mirror_average)
             if key not in self._symmetry_averaged:
-                self._symmetry_averaged[key] = symmetry_averaged(self.model, mirror=key)
+                head = cpu_head(self.model) if self.device.type == "cpu" and hasattr(self.model, "head") else None
+                self._symmetry_averaged[key] = symmetry_averaged(self.model, mirror=key, head=head)
             if self._symmetry_averaged[key] is not None:
                 return self._symmetry_averaged[key]
         if s.mirror_average and hasattr(self.model, "forward_mirror_averaged"):

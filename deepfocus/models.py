@@ -19,6 +19,8 @@ The last three fully connected layers of each model are named ``fc1``-``fc3`` (o
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -193,8 +195,11 @@ def cpu_head(model: nn.Module):
     ms on 2 cores, and an estimate 9.7 against 10.1 ms (deepfocus/README.md, "Compute"). Answers agree to 2e-6 um.
     For inference only: the frozen copy no longer follows the model's parameters."""
     try:
-        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(_Head(model)).eval()))
-    except (RuntimeError, torch.jit.Error, torch.jit.frontend.FrontendError):
+        with warnings.catch_warnings():
+            # TorchScript is this model format; its deprecation notices say nothing the user can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(_Head(model)).eval()))
+    except (RuntimeError, AttributeError, torch.jit.Error, torch.jit.frontend.FrontendError):
         # a model TorchScript cannot compile or freeze: its head as it is (slower, the same answers)
         return model.head
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deepfocus.features import SpectralFrontEnd, structure_ratio
-from deepfocus.models import ARCHITECTURES, SpectralNet, build, count_parameters
+from deepfocus.models import ARCHITECTURES, SpectralNet, build, count_parameters, cpu_head, symmetry_averaged
 from deepfocus.train import consensus, export, group_loss
 
 
@@ -146,3 +146,36 @@ def test_mirror_averaged_answer_is_the_mean_of_the_pair_and_its_mirror_image():
         assert not torch.allclose(mirrored, feat, atol=1e-2)
         expected = 0.5 * (model(x, 8.0) + model(x.flip(-1), 8.0) * torch.tensor([1.0, 1.0, -1.0, 1.0]))
         assert torch.allclose(model.forward_mirror_averaged(x, 8.0), expected, atol=1e-4)
+
+
+def test_frozen_cpu_head_answers_as_the_model_does():
+    """The head frozen for inference on a CPU (the estimator's default there) gives the model's answers, for a
+    model loaded from TorchScript and for one in Python, at any batch size."""
+    torch.manual_seed(2)
+    eager = SpectralNet().eval()
+    for model in (eager, torch.jit.script(eager)):
+        head = cpu_head(model)
+        assert isinstance(head, torch.jit.ScriptModule)          # frozen, not the model's own method
+        for n in (1, 7, 32):
+            feat = torch.randn(n, 3, 20, 12)
+            with torch.no_grad():
+                assert torch.allclose(head(feat), model.head(feat), atol=1e-5)
+    # a copy for inference: the model's own weights stay trainable and are not touched
+    assert all(p.requires_grad for p in eager.parameters())
+
+
+class _UnscriptableHead(SpectralNet):
+    def head(self, feat):                            # no annotations TorchScript accepts: **kwargs
+        return super().head(feat)
+
+    def forward(self, pair, pixel_size_nm, **kwargs):
+        return self.head(self.front(pair, pixel_size_nm))
+
+
+def test_frozen_cpu_head_falls_back_to_the_models_own_head():
+    model = _UnscriptableHead().eval()
+    assert cpu_head(model) == model.head
+    x = torch.randn(2, 2, 128, 128)
+    averaged = symmetry_averaged(model, mirror=False, head=cpu_head(model))
+    with torch.no_grad():
+        assert averaged(x, 10.0).shape == (2, 4)

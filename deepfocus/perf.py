@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ARCHITECTURES, build
+from .models import ARCHITECTURES, build, cpu_head
 
 
 @dataclass
@@ -23,6 +23,14 @@ class SpeedRow:
     n_patches: int
     patch_px: int
     median_s: float
+
+
+class _FrozenHead:
+    def __init__(self, scripted):
+        self.front, self.head = scripted.front, cpu_head(scripted)
+
+    def __call__(self, pair: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        return self.head(self.front(pair, pixel_size_nm))
 
 
 def _time(fn, repeats: int) -> float:
@@ -53,6 +61,8 @@ def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n
             else:
                 variants["int8_linear"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                                                  dtype=torch.qint8)
+                # what the estimator runs on a CPU: the front end as scripted, the head frozen (models.cpu_head)
+                variants["frozen_head"] = _FrozenHead(variants["torchscript"])
             for nt in threads:
                 torch.set_num_threads(nt)
                 for name, m in variants.items():

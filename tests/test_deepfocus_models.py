@@ -179,3 +179,10 @@ def test_frozen_cpu_head_falls_back_to_the_models_own_head():
     averaged = symmetry_averaged(model, mirror=False, head=cpu_head(model))
     with torch.no_grad():
         assert averaged(x, 10.0).shape == (2, 4)
+
+
+def test_speed_table_times_what_the_estimator_runs():
+    from deepfocus.perf import measure
+    rows = measure(["spectral"], threads=(1,), n_patches=2, patch_px=64, repeats=1)
+    assert {r.variant for r in rows} == {"eager", "torchscript", "int8_linear", "frozen_head"}
+    assert all(r.median_s > 0 for r in rows)

@@ -39,6 +39,9 @@ PERTURBATION_RANGE = (0.5, 3.0)
 # Pixel sizes (aperture-normalised) seen in training by models whose meta.json predates
 # ``model_pixel_nm_range`` (spectral_v4, v5): 7-14 nm on 2.5-5.5 mrad, alpha_ref 4 mrad.
 DEFAULT_MODEL_PIXEL_RANGE_NM = (5.1, 22.4)
+# The |wd| range (at the model's perturbation) of the training pairs of models whose meta.json predates
+# ``wd_range_um`` (spectral_v1-v5: 34 um at 5 um)
+DEFAULT_TRAINED_WD_RANGE_UM = 34.0
 # Coarser than the trained range by this factor still answers to within 0.05 of scale (measured:
 # model card, "Pixel sizes and perturbations"); coarser still is refused. Finer is binned into range.
 MAX_COARSE_FACTOR = 1.4
@@ -154,6 +157,7 @@ class DeepFocusEstimator(Estimator):
         self.perturbation_m = float(self.meta.get("perturbation_um", 5.0)) * 1e-6
         rng = self.meta.get("model_pixel_nm_range") or (DEFAULT_MODEL_PIXEL_RANGE_NM if self.alpha_ref_mrad else None)
         self.model_pixel_range_nm = (float(rng[0]), float(rng[1])) if rng else None
+        self.trained_wd_range_um = float(self.meta.get("wd_range_um", DEFAULT_TRAINED_WD_RANGE_UM))
         self._warm_up()
 
     @property
@@ -377,6 +381,12 @@ class DeepFocusEstimator(Estimator):
             extra.update({"astig_uncertain": True, "astig_um_unapplied": [ax, ay],
                           "reason": f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"})
             ax = ay = 0.0
+        if abs(mean[0]) > self.trained_wd_range_um * d_ratio:
+            # The pair looks like one further from focus than any in training (it is read as a pair at the
+            # model's perturbation): answers there come back short of the truth, by a factor that depends on the
+            # distance (a +-3 um pair 29 um from focus answered 0.79 of the way), so the loop learns no scale from
+            # them (``steps``).
+            extra["beyond_trained_wd_um"] = round(self.trained_wd_range_um * d_ratio, 2)
         sx, sy = self.calibration.units(ax, ay)
         return Correction(wd_um=float(mean[0]), astig_x_um=ax, astig_y_um=ay,
                           stig_x=sx, stig_y=sy, uncertainty_wd_um=float(spread[0]), uncertainty_stig=unc_stig,

@@ -371,6 +371,7 @@ def wait_for_shards(cfg: TrainConfig, data: Path) -> None:
 def model_meta(cfg: TrainConfig) -> dict:
     """What an exported model's ``meta.json`` says about how it was trained (validation is added per export)."""
     return {"arch": cfg.arch, "model_args": cfg.model, "perturbation_um": cfg.gen.get("perturbation_um", 5.0),
+            "wd_range_um": cfg.gen.get("wd_range_um", datagen.GenConfig.wd_range_um),
             "patch_px": datagen.PATCH_PX, "alpha_ref_mrad": cfg.gen.get("alpha_ref_mrad"),
             "model_pixel_nm_range": list(datagen.model_pixel_range_nm(datagen.GenConfig(**cfg.gen))),
             "outputs": "correction to add: wd_um, astig_x_um, astig_y_um (image frame), score"}

@@ -372,3 +372,21 @@ def test_a_far_answer_on_a_large_frame_reads_up_to_far_max_patches():
     assert far.n_patches == 30 and far.extra["far_patches_added"] == 14
     capped = load_estimator(DEFAULT_MODEL, device="cpu", settings=EstimatorSettings(far_max_patches=16))
     assert capped.estimate(minus.image, plus.image, 10e-9, 5e-6).n_patches == 16
+
+
+def test_a_pair_read_beyond_the_trained_wd_range_says_so():
+    """A +-3 um pair 29 um from focus looks like a 5 um pair 48 um out, beyond the 34 um of training: the answer
+    comes back short and says so; the +-5 um pair at the same place is within the range and says nothing."""
+    from deepfocus.autofocus import acquire_pair
+    from hardware.factory import open_microscope
+    est = load_estimator(DEFAULT_MODEL, device="cpu")
+    answers = {}
+    for d_um in (3.0, 5.0):
+        scope = open_microscope("setup_a", ["seed=5"])
+        scope.sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
+        scope.sem.set_wd_m(scope.sim.true_wd_m() - 29e-6)
+        minus, plus = acquire_pair(scope.sem, d_um * 1e-6)
+        answers[d_um] = est.estimate(minus.image, plus.image, 10e-9, d_um * 1e-6)
+    assert answers[3.0].extra["beyond_trained_wd_um"] == pytest.approx(34.0 * 3 / 5)
+    assert 20.4 < answers[3.0].wd_um < 27          # short of the 29 um to go
+    assert "beyond_trained_wd_um" not in answers[5.0].extra and answers[5.0].wd_um > 26

@@ -86,6 +86,8 @@ class GenConfig:
     # focus it cannot (models/README.md, "An aperture angle nobody measured"). 1 (the default) draws nothing,
     # which keeps the seeded stream of the runs made before this key.
     aperture_error_factor: float = 1.0
+    # beam half-angles of the drawn microscopes (drawn uniformly: the same draws from the stream for any range)
+    aperture_range_mrad: tuple[float, float] = APERTURE_RANGE_MRAD
 
 
 def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> list[str]:
@@ -94,7 +96,7 @@ def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> 
     u = rng.uniform
     drawn = [
         f"seed={int(rng.integers(1, 2**31))}",
-        f"optics.aperture_angle_mrad={u(*APERTURE_RANGE_MRAD):.3f}",
+        f"optics.aperture_angle_mrad={u(*(cfg.aperture_range_mrad if cfg else APERTURE_RANGE_MRAD)):.3f}",
         f"optics.in_focus_probe_nm={u(2.0, 6.5):.2f}",
         f"optics.hysteresis_um={u(0.0, 0.4):.3f}",
         f"optics.image_rotation_deg_per_mm={u(-3, 3):.2f}",
@@ -234,8 +236,8 @@ def model_pixel_range_nm(cfg: GenConfig) -> tuple[float, float]:
     lo, hi = cfg.pixel_size_nm
     if cfg.alpha_ref_mrad is None:
         return float(lo), float(hi)
-    return (effective_pixel_size_nm(lo, APERTURE_RANGE_MRAD[1], cfg.alpha_ref_mrad),
-            effective_pixel_size_nm(hi, APERTURE_RANGE_MRAD[0], cfg.alpha_ref_mrad))
+    return (effective_pixel_size_nm(lo, cfg.aperture_range_mrad[1], cfg.alpha_ref_mrad),
+            effective_pixel_size_nm(hi, cfg.aperture_range_mrad[0], cfg.alpha_ref_mrad))
 
 
 def effective_pixel_size_nm(pixel_size_nm: float, alpha_mrad: float | None, alpha_ref_mrad: float | None) -> float:

@@ -111,6 +111,21 @@ def test_generator_draws_aperture_profiles_only_when_asked():
     assert 0.35 < (halos > 0).mean() < 0.65 and halos.max() <= 0.3
 
 
+def test_generator_draws_beam_angles_within_the_configured_range():
+    """A wider range of beam half-angles changes the angles drawn and nothing else in the stream; the model's
+    pixel range (aperture-normalised) widens with it."""
+    wide = datagen.GenConfig(aperture_range_mrad=(1.5, 6.0), alpha_ref_mrad=4.0)
+    plain = dict(o.split("=") for o in datagen.sample_overrides(np.random.default_rng(5), datagen.GenConfig()))
+    rng = np.random.default_rng(5)
+    draws = [dict(o.split("=") for o in datagen.sample_overrides(rng, wide)) for _ in range(300)]
+    angles = np.array([float(d["optics.aperture_angle_mrad"]) for d in draws])
+    assert angles.min() >= 1.5 and angles.max() <= 6.0 and (angles < 2.5).mean() > 0.15 and (angles > 5.5).any()
+    assert {k: v for k, v in draws[0].items() if k != "optics.aperture_angle_mrad"} == \
+        {k: v for k, v in plain.items() if k != "optics.aperture_angle_mrad"}
+    lo, hi = datagen.model_pixel_range_nm(wide)
+    assert lo == pytest.approx(7.0 * 4 / 6.0, abs=0.01) and hi == pytest.approx(14.0 * 4 / 1.5, abs=0.01)
+
+
 def test_evaluate_reads_feature_shards_with_spectral_models_only(run, tmp_path):
     import torch
 

@@ -32,7 +32,7 @@ from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, 
                            measure_shift)
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL = MODELS_DIR / "spectral_v5.pt"
+DEFAULT_MODEL = MODELS_DIR / "spectral_v7.pt"
 PIXEL_SIZE_RANGE_M = (0.5e-9, 200e-9)
 # perturbations other than the model's, as fractions of it, that an aperture-normalised model answers
 PERTURBATION_RANGE = (0.5, 3.0)

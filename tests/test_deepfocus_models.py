@@ -165,8 +165,7 @@ def test_frozen_cpu_head_answers_as_the_model_does():
 
 
 class _UnscriptableHead(SpectralNet):
-    def head(self, feat):                            # no annotations TorchScript accepts: **kwargs
-        return super().head(feat)
+    """A spectral model TorchScript cannot compile (its forward takes **kwargs), as a user's own might be."""
 
     def forward(self, pair, pixel_size_nm, **kwargs):
         return self.head(self.front(pair, pixel_size_nm))

@@ -284,7 +284,7 @@ class DeepFocusEstimator(Estimator):
                              f"this model: too small, need at least {64 * nbin} px per side")
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
-        n = self._patch_count(a.shape, nbin, s.n_patches)
+        n = patch_count(a.shape, nbin, s.n_patches, s.patches_scale_with_frame, s.max_patches)
         offs = list(dict.fromkeys(patch_offsets(a.shape, src, n, s.layout, s.seed)))
         cr = contrast_ratio(a, b, pixel_size_m, binned) if s.match_contrast else None
         maps = ((scale, off), (scale, off))
@@ -419,10 +419,6 @@ class DeepFocusEstimator(Estimator):
             return x, remove_line_offsets_(x)
         return x, torch.zeros(x.shape[:2], dtype=torch.bool)
 
-    def _patch_count(self, shape: tuple[int, int], nbin: int, n: int) -> int:
-        s = self.settings
-        return patch_count(shape, nbin, n, s.patches_scale_with_frame, s.max_patches)
-
     def _far_patches(self, a: np.ndarray, b: np.ndarray, offs: list[tuple[int, int]], patch: int, nbin: int, maps,
                      model_px_nm: float, d_ratio: float) -> np.ndarray | None:
         """Answers of the patch pairs that the far_patches grid adds to the ``offs`` already answered (those
@@ -437,7 +433,7 @@ class DeepFocusEstimator(Estimator):
         taken = list(offs)
         new = []
         for o in patch_offsets(a.shape, src, n, s.layout, s.seed):
-            if o not in taken and overlaps_little(o, taken, src):
+            if overlaps_little(o, taken, src):          # also false for a patch already answered
                 new.append(o)
                 taken.append(o)
         if not new:
@@ -484,9 +480,6 @@ class DeepFocusEstimator(Estimator):
         src = patch * nbin
         kept = [o for o, v in zip(offs, valid) if v]
 
-        def free(o: tuple[int, int], others: list[tuple[int, int]]) -> bool:
-            return overlaps_little(o, others, src)
-
         scored = self._structure_map(binned, patch, nbin)
         if scored is not None:
             # Half-patch tilings fit a band of tissue narrower than two patches only where the band happens to
@@ -500,14 +493,15 @@ class DeepFocusEstimator(Estimator):
                     break
                 o = (int(i) * step, int(j) * step)
                 inside = o[0] + src <= a.shape[0] and o[1] + src <= a.shape[1]
-                if inside and o not in offs and free(o, kept + cand):
+                if inside and o not in offs and overlaps_little(o, kept + cand, src):
                     cand.append(o)
         else:
             half = src // 2
             # the shifted tiling lies inside the frame less half a patch, so it stays inside the frame
             shifted = [(y + half, x0 + half) for y, x0 in tile_offsets((a.shape[0] - half, a.shape[1] - half), src)]
             # only candidates the kept grid patches leave room for are cut and tested
-            cand = [o for o in dict.fromkeys(tile_offsets(a.shape, src) + shifted) if o not in offs and free(o, kept)]
+            cand = [o for o in dict.fromkeys(tile_offsets(a.shape, src) + shifted)
+                    if o not in offs and overlaps_little(o, kept, src)]
         if not cand:
             return x, valid, 0
         xc, lined_c = self._cut(a, b, cand, patch, nbin, maps)
@@ -516,7 +510,7 @@ class DeepFocusEstimator(Estimator):
         for i in np.argsort(-sc):
             if sc[i] <= self.settings.min_structure or len(kept) >= len(offs):
                 break
-            if free(cand[i], kept):
+            if overlaps_little(cand[i], kept, src):
                 kept.append(cand[i])
                 added.append(int(i))
         if not added:

@@ -12,13 +12,17 @@ same way. Outcomes:
   step to step (a stigmator calibration the loop cannot learn); the start is restored.
 - ``aborted``: ``should_abort()`` said so; the start is restored.
 
+The pair is taken at the perturbation the estimator wants on the focus frames' pixel size
+(``correction.chosen_perturbation_m``: DeepFocus takes a pair further apart than its own on a narrow beam or
+coarse pixels) unless ``AutofocusSettings.perturbation_m`` sets one.
+
 An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
 typical far from focus) moves wd only, and the loop goes on: it never converges on one.
 
 Far beyond the estimator's range (DeepFocus: about 35 um at +-5 um) its patches disagree on wd and the pair is
-refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, where the estimator
-answers it (an aperture-normalised model reads a pair at 3 d as its own pair on a beam three times narrower, so
-its range triples): that answer may spread more (``FAR_SPREAD``), moves wd alone (clipped as any step), and the
+refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, or as far apart as
+the estimator answers where that is at least 1.5 times (an aperture-normalised model reads a pair at 3 d as its
+own pair on a beam three times narrower, so its range triples): that answer may spread more (``FAR_SPREAD``), moves wd alone (clipped as any step), and the
 loop goes on at the usual perturbation with nothing learned kept. After a far step taken in full, a pair refused
 again ends the loop as before. Setup_a, 20 starts within +-120 um: 20 instead of 12 within the margin
 (deepfocus/README.md, "Far from focus").
@@ -41,7 +45,8 @@ import numpy as np
 from hardware.config import MAX_LENS_PLAY_UM, AutofocusConfig
 from hardware.sem import SEM, Frame, ScanSettings
 
-from .correction import Correction, Estimator, answers_perturbation
+from .correction import (Correction, Estimator, answers_perturbation, chosen_perturbation_m,
+                         far_perturbation_m)
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
@@ -68,7 +73,7 @@ class AutofocusSettings:
     max_total_wd_m: float = _PROFILE_DEFAULTS.max_total_wd_um * 1e-6     # never wander further from the start
     max_uncertainty_wd_m: float = _PROFILE_DEFAULTS.max_uncertainty_wd_um * 1e-6   # refuse a less certain one
     max_uncertainty_stig: float = _PROFILE_DEFAULTS.max_uncertainty_stig
-    perturbation_m: float | None = None    # default: what the estimator wants
+    perturbation_m: float | None = None    # default: what the estimator wants on these frames
     scan: ScanSettings | None = None       # scan for the focus frames (restored afterwards)
     restore_on_failure: bool = True
     correct_stig: bool = True
@@ -201,7 +206,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
               on_iteration: Callable[[IterationRecord], None] | None = None) -> AutofocusResult:
     """Focus and stigmate ``sem`` with ``estimator``; see the module text for the outcomes."""
     s = settings or AutofocusSettings()
-    d = s.perturbation_m if s.perturbation_m is not None else float(getattr(estimator, "perturbation_m", 5e-6))
+    pixel_size_m = (s.scan or sem.get_scan()).pixel_size_m
+    d = s.perturbation_m if s.perturbation_m is not None else chosen_perturbation_m(estimator, pixel_size_m)
     clock = sem.clock
     t_start = clock.now_s()
     wall0 = time.perf_counter()
@@ -248,8 +254,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
         return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
                                f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um "
                                "the estimator answers", {"perturbation_m": d})
-    far_d = d * s.far_perturbation_factor
-    can_go_far = far_d > 0 and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
+    far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
+    can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
     pair_d = d
     far_landed = False      # a far step was taken in full: it put the loop within the estimator's range
     try:
@@ -301,7 +307,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 trace.append(rec)
                 # (with no pair left to take, or no room for it within the lens's range, the refusal stands)
                 lim = sem.limits
-                room = lim.wd_min_m <= wd - far_d and wd + far_d <= lim.wd_max_m
+                room = can_go_far and lim.wd_min_m <= wd - far_d and wd + far_d <= lim.wd_max_m
                 if not far and wd_unsure and not bad and can_go_far and not far_landed and it < s.max_iterations \
                         and room:
                     if on_iteration is not None:

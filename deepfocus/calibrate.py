@@ -41,13 +41,14 @@ import numpy as np
 from hardware.sem import SEM
 
 from .autofocus import acquire_pair
+from .correction import chosen_perturbation_m
 
 
 @dataclass
 class CalibrationSettings:
     wd_offsets_um: tuple[float, ...] = (-12.0, -8.0, -4.0, 0.0, 4.0, 8.0, 12.0)
     stig_offsets: tuple[float, ...] = (-4.0, -2.0, 2.0, 4.0)     # units, along x then along y
-    perturbation_m: float | None = None                           # the estimator's own when None
+    perturbation_m: float | None = None          # None: the one the estimator wants on these frames
     min_points: int = 5                                           # per fit, after refusals
     max_rounds: int = 5                                           # wd series, each with an updated angle
     scale_tolerance: float = 0.03                                 # |s - 1| that ends the search
@@ -170,7 +171,9 @@ def calibrate(sem: SEM, estimator, configured_aperture_angle_mrad: float, scan_r
     set back afterwards). The microscope's wd and stigmators are restored afterwards, also on errors.
     """
     s = settings or CalibrationSettings()
-    d = s.perturbation_m if s.perturbation_m is not None else float(estimator.perturbation_m)
+    # the pair the loop takes on this beam, chosen once: the angle varied below is the one searched for
+    d = s.perturbation_m if s.perturbation_m is not None else \
+        chosen_perturbation_m(estimator, sem.get_scan().pixel_size_m)
     wd0, stig0 = sem.get_wd_m(), sem.get_stig()
     reach = max(abs(o) for o in s.stig_offsets)
     lim = float(sem.limits.stig_max)

@@ -64,10 +64,53 @@ def answers_perturbation(estimator, perturbation_m: float) -> bool:
     return in_perturbation_range(perturbation_m, getattr(estimator, "perturbation_range_m", (0.0, math.inf)))
 
 
+# The aperture-normalised pixel (nm) at which the pair at the model's own perturbation is read best: the thesis'
+# 10 nm at its 4 mrad. A narrower beam or coarser pixels put less blur per micrometre of defocus into a pixel, and
+# the pair at +-5 um then reads little of it; a pair further apart shows the model the blur it reads best
+# (measured, deepfocus/README.md "Which pair the loop takes": the first correction within the margin 0.35 -> 0.90
+# at 2 mrad with +-10 um, 0.20 -> 0.90 at 1.5 mrad with +-13.3 um). It never takes a closer pair: at 6 mrad
+# +-3.3 um lost first corrections (0.85 -> 0.80), as a closer pair narrows the wd range the model reads.
+PAIR_MODEL_PIXEL_NM = 10.0
+# a far pair must be this many times further apart than the usual one to reach further than it
+MIN_FAR_FACTOR = 1.5
+
+
+def pair_perturbation_m(own_m: float, range_m, alpha_ref_mrad: float | None, aperture_angle_mrad: float | None,
+                        pixel_size_m: float | None) -> float:
+    """The perturbation (m) at which to take the pair for a model whose own is ``own_m``: larger by the factor
+    that brings the aperture-normalised pixel (``pixel_size x alpha_ref / alpha``) down to PAIR_MODEL_PIXEL_NM,
+    never smaller, and at most the end of ``range_m``. The model's own where the model is not aperture-normalised
+    or the beam or pixel size is not known."""
+    if alpha_ref_mrad is None or aperture_angle_mrad is None or pixel_size_m is None:
+        return float(own_m)
+    model_px_nm = pixel_size_m * 1e9 * float(alpha_ref_mrad) / float(aperture_angle_mrad)
+    d = float(own_m) * max(1.0, model_px_nm / PAIR_MODEL_PIXEL_NM)
+    return min(d, float(range_m[1])) if range_m else d
+
+
+def chosen_perturbation_m(estimator, pixel_size_m: float | None) -> float:
+    """The pair ``estimator`` wants on frames of ``pixel_size_m``: its ``pair_perturbation_m`` where it has one,
+    else its ``perturbation_m`` (5 um when it says nothing)."""
+    pick = getattr(estimator, "pair_perturbation_m", None)
+    if callable(pick):
+        return float(pick(pixel_size_m))
+    return float(getattr(estimator, "perturbation_m", 5e-6))
+
+
+def far_perturbation_m(perturbation_m: float, factor: float, range_m) -> float | None:
+    """The far pair's perturbation: ``factor`` x the usual one, at most the end of ``range_m`` (any when None);
+    None where it is off (factor 0) or would not be MIN_FAR_FACTOR x the usual one."""
+    if factor <= 0:
+        return None
+    hi = float(range_m[1]) if range_m else math.inf
+    far = min(perturbation_m * factor, hi)
+    return far if far >= MIN_FAR_FACTOR * perturbation_m * (1 - PERTURBATION_TOLERANCE) else None
+
+
 class Estimator(ABC):
     """Anything that turns a defocused image pair into a correction."""
 
-    #: the wd perturbation (m) the estimator wants the pair taken at (+-)
+    #: the wd perturbation (m) of the estimator's own pair (+-); ``pair_perturbation_m`` may want another
     perturbation_m: float = 5e-6
     #: whether a scale error of the wd answers scales the stigmator answers alike, so that the closed loop may
     #: learn one scale (and a turn of the stigmator answers) from either and divide it out of both
@@ -78,3 +121,7 @@ class Estimator(ABC):
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:
         """Correction for a pair taken at wd - perturbation and wd + perturbation."""
+
+    def pair_perturbation_m(self, pixel_size_m: float | None = None) -> float:
+        """The perturbation (m) at which the loop takes the pair on frames of ``pixel_size_m``: its own."""
+        return self.perturbation_m

@@ -22,7 +22,7 @@ import torch
 
 from .calibration import StigCalibration
 from .contrast import contrast_ratio, equalising_maps
-from .correction import Correction, Estimator, answers_perturbation
+from .correction import Correction, Estimator, answers_perturbation, pair_perturbation_m
 from .databar import scanned_region
 from .features import structure_ratio
 from .models import cpu_head, symmetry_averaged
@@ -167,6 +167,15 @@ class DeepFocusEstimator(Estimator):
         if self.alpha_ref_mrad is None:
             return self.perturbation_m, self.perturbation_m
         return self.perturbation_m * PERTURBATION_RANGE[0], self.perturbation_m * PERTURBATION_RANGE[1]
+
+    def pair_perturbation_m(self, pixel_size_m: float | None = None,
+                            aperture_angle_mrad: float | None = None) -> float:
+        """The perturbation (m) at which to take the pair on this beam with frames of ``pixel_size_m``: the
+        model's own, or larger where the beam is narrower or the pixels coarser (``correction.pair_perturbation_m``).
+        """
+        alpha = self._check_alpha(aperture_angle_mrad) or self.aperture_angle_mrad
+        return pair_perturbation_m(self.perturbation_m, self.perturbation_range_m, self.alpha_ref_mrad, alpha,
+                                   pixel_size_m)
 
     def _warm_up(self) -> None:
         # TorchScript optimises on its first calls: pay that at load, not in the first correction

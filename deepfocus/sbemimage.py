@@ -36,7 +36,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
-from .correction import in_perturbation_range
+from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 # as hardware.config's (this module does without the hardware package)
@@ -62,7 +62,9 @@ class DeepFocusSettings:
     frame_size_selector: int = 1         # the microscope's 1024 x 768 store resolution
     pixel_size_nm: float = 10.0
     dwell_time_us: float = 0.2
-    perturbation_um: float = 5.0
+    # None: the pair the daemon's model wants on its microscope's beam at this pixel size (5 um at 10 nm on a
+    # 4 mrad beam, further apart on narrower beams or coarser pixels; deepfocus/README.md "Which pair ...")
+    perturbation_um: float | None = None
     max_iterations: int = 3
     # converged when the last correction is smaller than these (thesis margins)
     wd_tolerance_um: float = 1.0
@@ -199,8 +201,8 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         # its model answers
         hello = _hello(client)
         planner = _planner(hello, st)
-        d = st.perturbation_um * 1e-6
-        far_d = _far_perturbation(hello, st)
+        d = _pair_perturbation(hello, st)
+        far_d = _far_perturbation(hello, d, st)
         pair_d, far_taken = d, False
         sem.apply_frame_settings(st.frame_size_selector, st.pixel_size_nm, st.dwell_time_us)
         wd, stig = start_wd, start_stig
@@ -326,13 +328,25 @@ def _hello(client: DeepFocusClient) -> dict[str, Any]:
         return {}                   # a daemon that does not describe its answers: none learned from stigmators
 
 
-def _far_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float | None:
-    """The far perturbation (m), where it is on and the daemon's model answers it; else None."""
-    far = st.far_perturbation_factor * st.perturbation_um * 1e-6
+def _pair_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float:
+    """The pair's perturbation (m): the settings' where set, else the one the daemon's model wants on its beam at
+    these pixels (``correction.pair_perturbation_m``), else 5 um."""
+    if st.perturbation_um is not None:
+        return st.perturbation_um * 1e-6
+    own = hello.get("perturbation_m")
+    if not own:
+        return 5e-6
+    return pair_perturbation_m(float(own), hello.get("perturbation_range_m"), hello.get("alpha_ref_mrad"),
+                               hello.get("aperture_angle_mrad"), st.pixel_size_nm * 1e-9)
+
+
+def _far_perturbation(hello: dict[str, Any], d: float, st: DeepFocusSettings) -> float | None:
+    """The far perturbation (m) for pairs at ``d``, where it is on and the daemon's model answers it; else None."""
     rng = hello.get("perturbation_range_m")
-    if far <= 0 or not st.aberr_mode[0] or not rng:
+    if not st.aberr_mode[0] or not rng:
         return None
-    return far if in_perturbation_range(far, rng) else None
+    far = far_perturbation_m(d, st.far_perturbation_factor, rng)
+    return far if far is not None and in_perturbation_range(far, rng) else None
 
 
 def _planner(hello: dict[str, Any], st: DeepFocusSettings) -> StepPlanner:

@@ -103,3 +103,20 @@ def test_daemon_loader_refuses_a_bad_patch_count_or_overrides_without_a_profile(
         daemon_model_loader(None, [], patches=2)
     with pytest.raises(ValueError, match="--set needs --profile"):
         daemon_model_loader(None, ["calibration.aperture_angle_mrad=3"])
+
+
+def test_the_pair_is_taken_further_apart_on_a_narrow_beam_or_coarse_pixels(echo_model_file):
+    est = load_estimator(echo_model_file, aperture_angle_mrad=4.0)
+    assert est.pair_perturbation_m(10e-9) == pytest.approx(5e-6)              # the thesis' pair and beam
+    assert est.pair_perturbation_m(10e-9, 2.0) == pytest.approx(10e-6)        # half the blur per um of defocus
+    assert est.pair_perturbation_m(10e-9, 3.0) == pytest.approx(5e-6 * 4 / 3)
+    assert est.pair_perturbation_m(20e-9) == pytest.approx(10e-6)             # half the blur per pixel
+    # never closer than the model's own: a closer pair narrows the wd range the model reads
+    assert est.pair_perturbation_m(10e-9, 6.0) == pytest.approx(5e-6)
+    assert est.pair_perturbation_m(4e-9) == pytest.approx(5e-6)
+    # at most the largest the model answers
+    assert est.pair_perturbation_m(10e-9, 1.0) == pytest.approx(est.perturbation_range_m[1])
+    # with no angle known, or a model that is not aperture-normalised: the model's own
+    assert load_estimator(echo_model_file).pair_perturbation_m(20e-9) == pytest.approx(5e-6)
+    v1 = load_estimator(MODELS_DIR / "spectral_v1.pt", aperture_angle_mrad=2.0)
+    assert v1.pair_perturbation_m(20e-9) == pytest.approx(v1.perturbation_m)

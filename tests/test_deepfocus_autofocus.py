@@ -459,3 +459,34 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
     assert json.loads(capsys.readouterr().out)["lens_play_compensated_um"] == pytest.approx(0.17)
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err
+
+
+class WantsItsOwnPair(Perturbations):
+    """Wants its pairs 1000 x the frames' pixel size apart."""
+
+    def pair_perturbation_m(self, pixel_size_m=None):
+        return 1000 * pixel_size_m
+
+
+def test_the_loop_takes_the_pair_the_estimator_wants_on_the_focus_frames(small_scope):
+    sem = small_scope.sem
+    sem.set_scan(pixel_size_m=8e-9)
+    est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
+    assert est.asked == pytest.approx([8e-6]) and res.extra["perturbation_m"] == pytest.approx(8e-6)
+    # a perturbation set in the settings wins
+    est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    autofocus(sem, est, AutofocusSettings(max_iterations=1, perturbation_m=5e-6))
+    assert est.asked == pytest.approx([5e-6])
+
+
+def test_a_far_pair_is_taken_as_far_apart_as_the_estimator_answers(small_scope):
+    # pairs at +-10 um: three times that is beyond the 15 um answered, 1.5 times is not
+    est = Perturbations([disagree_on_wd(), corr(-80.0, unc=10.0), corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(small_scope.sem, est, AutofocusSettings(perturbation_m=10e-6, max_step_wd_m=100e-6))
+    assert res.outcome == "converged", res.message
+    assert est.asked == pytest.approx([10e-6, 15e-6, 10e-6])
+    # less than 1.5 times as far apart would reach hardly further: the refusal stands
+    est = Perturbations([disagree_on_wd()], perturbation_range_m=(2.5e-6, 12e-6))
+    res = autofocus(small_scope.sem, est, AutofocusSettings(perturbation_m=10e-6, max_step_wd_m=100e-6))
+    assert res.outcome == "uncertain" and est.asked == pytest.approx([10e-6])

@@ -299,6 +299,32 @@ def test_a_far_pair_that_is_off_or_refused_ends_the_run_with_the_start_restored(
     assert (sem.wd, sem.stig) == start
 
 
+class NarrowBeam(RangeLimited):
+    """RangeLimited, set up by its daemon for a beam of half the model's reference angle."""
+    alpha_ref_mrad = 4.0
+    aperture_angle_mrad = 2.0
+
+
+def test_unset_the_pair_is_the_one_the_daemons_model_wants_on_its_beam():
+    # half the reference angle at the model's 10 nm: +-10 um, and the far pair as far apart as the model answers
+    sem = FakeSBEMimageSEM()
+    start = sem.true_wd + 80e-6
+    sem.wd = start
+    est = NarrowBeam(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+    with serving(est) as address:
+        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, pixel_size_nm=10.0,
+                                                 max_wd_stig_diff=(100e-6, 2.0, 2.0)))
+    assert res.ok and res.converged, res.message
+    assert est.asked[:3] == pytest.approx([10e-6, 15e-6, 10e-6])
+    assert sem.wd_log[:2] == pytest.approx([start - 10e-6, start + 10e-6])
+    # a perturbation in the settings wins
+    sem = FakeSBEMimageSEM()
+    est = NarrowBeam(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+    with serving(est) as address:
+        run_deepfocus_af(sem, settings_for(address, max_iterations=1, perturbation_um=5.0))
+    assert est.asked == pytest.approx([5e-6])
+
+
 def test_a_pair_refused_on_the_last_iteration_is_an_error_not_a_completed_run():
     sem = FakeSBEMimageSEM()
     start = (sem.true_wd + 60e-6, sem.stig)

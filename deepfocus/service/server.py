@@ -282,6 +282,9 @@ class Server:
             "active_model": name,
             "perturbation_m": getattr(est, "perturbation_m", None),
             "perturbation_range_m": list(getattr(est, "perturbation_range_m", ())) or None,
+            # with these a client picks the pair the model wants on its beam (correction.pair_perturbation_m)
+            "alpha_ref_mrad": getattr(est, "alpha_ref_mrad", None),
+            "aperture_angle_mrad": getattr(est, "aperture_angle_mrad", None),
             "stig_shares_wd_scale": bool(getattr(est, "stig_shares_wd_scale", False)),
             "score_available": callable(getattr(est, "score", None)),
             "device": self.config.device,

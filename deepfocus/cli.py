@@ -133,7 +133,9 @@ def autofocus_command(args) -> int:
     res = autofocus(sem, _method(args.method, scope, args.model, args.patches), settings)
     out = {"outcome": res.outcome, "message": res.message, "iterations": summarise(res),
            "images_taken": res.images_taken, "dose_e_per_nm2": res.dose_e_per_nm2, "elapsed_s": res.elapsed_s,
-           "compute_s": res.compute_s, "lens_play_compensated_um": res.extra.get("lens_play_m", 0.0) * 1e6}
+           "compute_s": res.compute_s, "lens_play_compensated_um": res.extra.get("lens_play_m", 0.0) * 1e6,
+           # the pair's wd -/+ (the model's choice for this beam and pixel size unless --perturbation-um set it)
+           "perturbation_um": res.extra.get("perturbation_m", math.nan) * 1e6}
     if scope.sim is not None:
         ab = scope.sim.aberration()
         out["final_truth"] = {"defocus_um": ab.defocus_um, "stig_error": list(np.subtract(sem.get_stig(),

@@ -454,9 +454,13 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
     assert out["iterations"][0]["stig_map"] == "turn"
     # the profile's lens play (none measured in the shipped one) is what the loop compensated
     assert out["lens_play_compensated_um"] == 0.0
+    assert out["perturbation_um"] == pytest.approx(5.0)        # the model's own pair on setup_a's 4 mrad beam
     main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_iterations=1", "--set",
-          "autofocus.lens_play_um=0.17", "--start-wd-um", "10", "--dwell-ns", "50", "--frame-px", "512", "512", "--json"])
-    assert json.loads(capsys.readouterr().out)["lens_play_compensated_um"] == pytest.approx(0.17)
+          "autofocus.lens_play_um=0.17", "--start-wd-um", "10", "--dwell-ns", "50", "--frame-px", "512", "512",
+          "--set", "optics.aperture_angle_mrad=2", "--set", "calibration.aperture_angle_mrad=2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["lens_play_compensated_um"] == pytest.approx(0.17)
+    assert out["perturbation_um"] == pytest.approx(10.0)       # a beam half as wide: a pair twice as far apart
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err
 

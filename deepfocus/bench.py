@@ -203,7 +203,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     results: dict[str, dict] = {}
     runs = method_runs(cfg)
     errors = {m: np.full((cfg.trials, cfg.iterations + 1, 4), np.nan) for m in cfg.methods}
-    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": [], "far": 0}
+    per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": [], "pair": [],
+               "far": 0}
            for m in cfg.methods}
     for t in range(cfg.trials):
         spec = specs[t % len(specs)]
@@ -249,6 +250,8 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             per[name]["far"] += sum(r.far for r in res.trace)
             if res.images_taken:
                 per[name]["frame_dose"].append(res.dose_e_per_nm2 / res.images_taken)
+            if "perturbation_m" in res.extra and not hasattr(method, "measure"):     # a sweep takes no pair
+                per[name]["pair"].append(res.extra["perturbation_m"] * 1e6)
             if hits:
                 per[name]["time"].append(hits[0][0])
                 per[name]["dose"].append(hits[0][1])
@@ -277,7 +280,9 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
             "far_pairs": per[name]["far"],
             "focus_scan": {"dwell_ns": round(sc.dwell_s * 1e9, 6), "pixel_size_nm": round(sc.pixel_size_m * 1e9, 6),
                            "frame_px": [sc.width_px, sc.height_px],
-                           "dose_per_frame_e_per_nm2": med(per[name]["frame_dose"])},
+                           "dose_per_frame_e_per_nm2": med(per[name]["frame_dose"]),
+                           # wd -/+ this for the usual pair (the method's choice unless --perturbation-um set it)
+                           "perturbation_um": med(per[name]["pair"])},
         }
     cfg_dict = dict(cfg.__dict__)
     out = {"config": cfg_dict, "methods": results}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,9 @@ def test_bench_reports_every_method_per_iteration(tmp_path):
     m = data["methods"]
     assert data["ratios_to_mapfost"]["deepfocus"]["compute"] == pytest.approx(
         m["deepfocus"]["compute_s_median"] / m["mapfost"]["compute_s_median"])
+    # each method's pair is recorded: setup_a's 4 mrad beam at 10 nm takes the model's own +-5 um, as MAPFoSt does
+    assert m["deepfocus"]["focus_scan"]["perturbation_um"] == pytest.approx(5.0)
+    assert m["mapfost"]["focus_scan"]["perturbation_um"] == pytest.approx(5.0)
 
 
 def test_the_bench_counts_the_pairs_taken_again_far_from_focus():
@@ -91,6 +95,7 @@ def test_a_method_takes_its_focus_frames_at_its_own_operating_point(tmp_path):
     assert (own["dwell_ns"], own["pixel_size_nm"], own["frame_px"]) == (25.0, 20.0, [256, 192])
     assert (bench["dwell_ns"], bench["pixel_size_nm"], bench["frame_px"]) == (50.0, 10.0, [256, 192])
     assert own["dose_per_frame_e_per_nm2"] == pytest.approx(bench["dose_per_frame_e_per_nm2"] / 8, rel=1e-6)
+    assert math.isnan(own["perturbation_um"])          # a sweep takes no pair
 
 
 @pytest.mark.parametrize("methods, message", [

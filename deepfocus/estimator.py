@@ -25,7 +25,7 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation, pair_perturbation_m
 from .databar import scanned_region
 from .features import structure_ratio
-from .models import cpu_head, symmetry_averaged
+from .models import cpu_head, load_torchscript, symmetry_averaged
 from .patches import consensus, count_tiles, overlaps_little, patch_count, patch_offsets, tile_offsets
 from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
@@ -568,7 +568,7 @@ class DeepFocusEstimator(Estimator):
 
 def read_meta(path: Path) -> dict:
     files = {"meta.json": ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    load_torchscript(path, "cpu", files)
     return json.loads(files["meta.json"] or "{}")
 
 
@@ -584,7 +584,7 @@ def load_estimator(path: str | Path | None = None, device: str = "auto", calibra
     files = {"meta.json": ""}
     dev = pick_device(device)
     try:
-        model = torch.jit.load(str(p), map_location=dev, _extra_files=files)
+        model = load_torchscript(p, dev, files)
     except Exception as exc:  # torch's own message names neither the file nor what was expected
         raise ValueError(f"{str(p)!r} is not a TorchScript DeepFocus model: {exc}") from None
     meta = json.loads(files["meta.json"] or "{}")

@@ -186,6 +186,14 @@ class _Head(nn.Module):
         return self.model.head(feat)
 
 
+def load_torchscript(path, map_location, extra_files: dict):
+    """``torch.jit.load`` without torch's deprecation notice for TorchScript, this project's model format (the
+    notice says nothing a user can act on, and ``deepfocus`` commands print it on every model they open)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location=map_location, _extra_files=extra_files)
+
+
 def cpu_head(model: nn.Module):
     """A spectral model's head frozen with its weights and its convolutions laid out for oneDNN ahead of time; the
     model's own head where that cannot be done.

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from . import datagen
-from .models import ARCHITECTURES, SpectralNet
+from .models import ARCHITECTURES, SpectralNet, load_torchscript
 
 SCORE_LOSS_MIX = 0.75     # thesis: (1 - 0.25) L1(consensus) + 0.25 L1(individual patches)
 
@@ -263,7 +263,7 @@ def average_weights(inputs: list[Path], out: Path) -> dict:
             raise FileNotFoundError(f"model file {str(p)!r} does not exist")
         try:
             files = {"meta.json": ""}
-            states.append(torch.jit.load(str(p), map_location="cpu", _extra_files=files).state_dict())
+            states.append(load_torchscript(p, "cpu", files).state_dict())
             meta = meta or json.loads(files["meta.json"] or "{}")
         except RuntimeError:
             try:
@@ -296,7 +296,7 @@ def load_exported(path: str | Path) -> tuple[torch.jit.ScriptModule, dict]:
         raise FileNotFoundError(f"model file {str(path)!r} does not exist")
     files = {"meta.json": ""}
     try:
-        model = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+        model = load_torchscript(path, "cpu", files)
     except RuntimeError:
         raise ValueError(f"{str(path)!r} is not an exported TorchScript model") from None
     return model, json.loads(files["meta.json"] or "{}")

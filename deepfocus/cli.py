@@ -86,6 +86,13 @@ def predict_command(args) -> int:
         print(f"deepfocus predict: no --aperture-angle-mrad or --profile: assuming the model's reference "
               f"{est.alpha_ref_mrad:g} mrad (answers scale with it; `deepfocus calibrate` measures it)",
               file=sys.stderr)
+    want = est.pair_perturbation_m(args.pixel_size_nm * 1e-9)
+    took = d if d is not None else est.perturbation_m
+    if want > 1.1 * took:
+        # answered, but less precisely than it could be: say which pair to take next time
+        print(f"deepfocus predict: on a {alpha:g} mrad beam at {args.pixel_size_nm:g} nm pixels the model reads a "
+              f"pair at wd -/+ {want * 1e6:.3g} um best (this pair: -/+ {took * 1e6:.3g} um; "
+              "deepfocus/README.md, \"Which pair the loop takes\")", file=sys.stderr)
     if args.json:
         print(json.dumps(json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha or None))))
     else:

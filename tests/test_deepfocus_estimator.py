@@ -270,8 +270,13 @@ def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys):
     assert json.loads(cap.out)["wd_um"] == pytest.approx(assumed["wd_um"]) and "assuming" not in cap.err
     # believing a wider aperture turns the same blur into a smaller defocus
     assert cli_main(base + ["--aperture-angle-mrad", "5.5"]) == 0
-    wider = json.loads(capsys.readouterr().out)
+    cap_wider = capsys.readouterr()
+    wider = json.loads(cap_wider.out)
     assert wider["aperture_angle_mrad"] == 5.5 and 0 < wider["wd_um"] < 0.9 * assumed["wd_um"]
+    assert "reads a pair" not in cap_wider.err + cap.err      # 5 um is the pair for 4 mrad and wider
+    # on a narrow beam the answer comes with the pair the model reads best there
+    assert cli_main(base + ["--aperture-angle-mrad", "2"]) == 0
+    assert "on a 2 mrad beam at 10 nm pixels the model reads a pair at wd -/+ 10 um best" in capsys.readouterr().err
     assert cli_main(base + ["--aperture-angle-mrad", "4000"]) == 4
     assert "0.3 to 50" in capsys.readouterr().err
     assert cli_main(base + ["--aperture-angle-mrad", "4", "--connect", "tcp://127.0.0.1:1"]) == 4

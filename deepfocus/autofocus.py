@@ -115,8 +115,11 @@ class AutofocusSettings:
     @classmethod
     def from_config(cls, config: AutofocusConfig, **changes) -> "AutofocusSettings":
         """Settings from a microscope's ``autofocus`` section (``hardware.config.AutofocusConfig``, um in its YAML),
-        with ``changes`` (fields of this class) on top."""
-        base = dict(max_iterations=config.max_iterations, tol_wd_m=config.tol_wd_um * 1e-6,
+        with ``changes`` (fields of this class) on top; ``perturbation_m=None`` there keeps the section's."""
+        if changes.get("perturbation_m", 0.0) is None:
+            del changes["perturbation_m"]
+        base = dict(perturbation_m=config.perturbation_um * 1e-6 if config.perturbation_um > 0 else None,
+                    max_iterations=config.max_iterations, tol_wd_m=config.tol_wd_um * 1e-6,
                     tol_stig=config.tol_stig, max_step_wd_m=config.max_step_wd_um * 1e-6,
                     max_step_stig=config.max_step_stig, max_total_wd_m=config.max_total_wd_um * 1e-6,
                     max_uncertainty_wd_m=config.max_uncertainty_wd_um * 1e-6,

@@ -358,7 +358,8 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
         scope = aberrated_scope(cfg, rng, specs[i % len(specs)], wd_range_um, stig_range)
         if est is None:
             est = make_method(method, scope.config, cfg.model, cfg.n_patches)
-        d = _perturbation_m(cfg) or chosen_perturbation_m(est, scope.sem.get_scan().pixel_size_m)
+        pinned = scope.config.autofocus.perturbation_um * 1e-6
+        d = _perturbation_m(cfg) or pinned or chosen_perturbation_m(est, scope.sem.get_scan().pixel_size_m)
         minus, plus = acquire_pair(scope.sem, d)
         c = est.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
         true.append(true_correction_um(minus, plus))

@@ -160,6 +160,8 @@ def calibrate_command(args) -> int:
     try:
         d = _perturbation_m(args)
         scope = _open_scope(args)
+        if d is None and scope.config.autofocus.perturbation_um > 0:
+            d = scope.config.autofocus.perturbation_um * 1e-6        # the pair the profile pins
         est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
             if args.method == "deepfocus" else _method(args.method, scope, None)
     except (OSError, ValueError, ImportError) as exc:

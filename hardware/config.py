@@ -204,6 +204,9 @@ class AutofocusConfig:
     # half-width of the objective lens' play as `deepfocus calibrate` measures it; each wd step then ends coming
     # down, offset by it, so the lens rests where the answer put it. 0: not measured, not compensated
     lens_play_um: float = 0.0
+    # the focus pair at wd -/+ this; 0: the one the estimator wants on this beam and pixel size (DeepFocus: 5 um
+    # at 4 mrad and 10 nm pixels, further apart on narrower beams or coarser pixels)
+    perturbation_um: float = 0.0
 
 
 # larger than any objective lens' play: beyond it the figure is a mistake, not play
@@ -479,6 +482,9 @@ def _validate_autofocus(cfg: MicroscopeConfig) -> None:
     if not 0 <= a.lens_play_um <= MAX_LENS_PLAY_UM:
         raise ConfigError(f"autofocus.lens_play_um must be between 0 (not compensated) and {MAX_LENS_PLAY_UM:g} um "
                           f"(the half-width deepfocus calibrate measures), got {a.lens_play_um:g}")
+    if not (a.perturbation_um == 0 or 0.5 <= a.perturbation_um and 2 * a.perturbation_um <= cfg.limits.wd_step_um):
+        raise ConfigError(f"autofocus.perturbation_um must be 0 (the estimator's choice) or at least 0.5 um with the "
+                          f"pair's 2 x {a.perturbation_um:g} um within limits.wd_step_um = {cfg.limits.wd_step_um:g}")
     # steps the hardware would refuse (or that cross the whole stigmator range) are no limit at all
     if a.max_step_wd_um > cfg.limits.wd_step_um:
         raise ConfigError(f"autofocus.max_step_wd_um = {a.max_step_wd_um:g} exceeds limits.wd_step_um = "

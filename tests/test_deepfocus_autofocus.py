@@ -494,3 +494,19 @@ def test_a_far_pair_is_taken_as_far_apart_as_the_estimator_answers(small_scope):
     est = Perturbations([disagree_on_wd()], perturbation_range_m=(2.5e-6, 12e-6))
     res = autofocus(small_scope.sem, est, AutofocusSettings(perturbation_m=10e-6, max_step_wd_m=100e-6))
     assert res.outcome == "uncertain" and est.asked == pytest.approx([10e-6])
+
+
+def test_a_profile_may_pin_the_pair_and_a_setting_given_overrides_it(small_scope):
+    from hardware.config import ConfigError, load_profile
+    cfg = load_profile("setup_a", ["autofocus.perturbation_um=8"]).autofocus
+    assert AutofocusSettings.from_config(cfg).perturbation_m == pytest.approx(8e-6)
+    # None from a command line that gave no --perturbation-um keeps the profile's; a value replaces it
+    assert AutofocusSettings.from_config(cfg, perturbation_m=None).perturbation_m == pytest.approx(8e-6)
+    assert AutofocusSettings.from_config(cfg, perturbation_m=5e-6).perturbation_m == pytest.approx(5e-6)
+    # 0, the shipped profiles' value: the estimator's choice
+    assert AutofocusSettings.from_config(load_profile("setup_a").autofocus).perturbation_m is None
+    est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    autofocus(small_scope.sem, est, AutofocusSettings.from_config(cfg, max_iterations=1))
+    assert est.asked == pytest.approx([8e-6])
+    with pytest.raises(ConfigError, match="autofocus.perturbation_um"):
+        load_profile("setup_a", ["autofocus.perturbation_um=0.1"])

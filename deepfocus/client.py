@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import zmq
 
-from .correction import Correction, Estimator
+from .correction import Correction, Estimator, pair_perturbation_m
 from .service import protocol as P
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -262,6 +262,7 @@ class RemoteEstimator(Estimator):
         self.address = self.client.address
         self.options = dict(options or {})
         self._perturbation_m = perturbation_m
+        self._pinned = perturbation_m is not None
         self._hello: dict[str, Any] | None = None
 
     def _described(self) -> dict[str, Any]:
@@ -281,6 +282,17 @@ class RemoteEstimator(Estimator):
     @perturbation_m.setter
     def perturbation_m(self, value: float) -> None:
         self._perturbation_m = float(value)
+        self._pinned = True
+
+    def pair_perturbation_m(self, pixel_size_m: float | None = None) -> float:
+        """The pair to take on frames of ``pixel_size_m``: the one set here, else the one the daemon's active model
+        wants on the beam of the microscope the daemon was started for (``correction.pair_perturbation_m``)."""
+        own = self.perturbation_m
+        if self._pinned:
+            return own
+        h = self._described()
+        return pair_perturbation_m(own, h.get("perturbation_range_m"), h.get("alpha_ref_mrad"),
+                                   h.get("aperture_angle_mrad"), pixel_size_m)
 
     @property
     def perturbation_range_m(self) -> tuple[float, float]:

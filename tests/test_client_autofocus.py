@@ -74,3 +74,22 @@ def test_through_the_daemon_a_pair_far_beyond_the_models_range_is_taken_again_at
     assert res.ok, res.message
     assert [r.far for r in res.trace][:2] == [False, True]
     assert abs(res.final_wd_m - m.sim.true_wd_m()) < 1e-6
+
+
+def test_through_the_daemon_the_pair_is_the_one_its_model_wants_on_its_microscopes_beam():
+    # a daemon started for a 2 mrad microscope: the client takes the pair at +-10 um on 10 nm frames
+    from deepfocus.estimator import load_estimator
+    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
+                 estimator=load_estimator(device="cpu", aperture_angle_mrad=2.0))
+    srv.start_in_thread()
+    remote = RemoteEstimator(srv.address, timeout_s=20, retries=0)
+    pinned = RemoteEstimator(srv.address, timeout_s=20, retries=0, perturbation_m=5e-6)
+    try:
+        assert remote.pair_perturbation_m(10e-9) == pytest.approx(10e-6)
+        assert remote.pair_perturbation_m(5e-9) == pytest.approx(5e-6)
+        assert pinned.pair_perturbation_m(10e-9) == pytest.approx(5e-6)      # set here: that one
+    finally:
+        remote.close()
+        pinned.close()
+        srv.stop()
+        srv.join()

@@ -267,13 +267,20 @@ class RangeLimited(PowerRatioEstimator):
         return c
 
 
-def test_a_pair_refused_far_from_focus_is_taken_once_more_at_three_times_the_perturbation():
+def run_from(start_um: float, estimator_cls=RangeLimited, **settings):
+    """The plug-in's run from ``start_um`` above focus, its daemon answering with ``estimator_cls``: (fake SEM,
+    estimator, result, starting wd)."""
     sem = FakeSBEMimageSEM()
-    start = sem.true_wd + 60e-6
+    start = sem.true_wd + start_um * 1e-6
     sem.wd = start
-    est = RangeLimited(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+    est = estimator_cls(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
     with serving(est) as address:
-        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, max_wd_stig_diff=(80e-6, 2.0, 2.0)))
+        res = run_deepfocus_af(sem, settings_for(address, **settings))
+    return sem, est, res, start
+
+
+def test_a_pair_refused_far_from_focus_is_taken_once_more_at_three_times_the_perturbation():
+    sem, est, res, start = run_from(60.0, max_iterations=5, max_wd_stig_diff=(80e-6, 2.0, 2.0))
     assert res.ok and res.converged, res.message
     assert [it.far for it in res.iterations][:3] == [False, True, False]
     assert [it.applied for it in res.iterations][:2] == [False, True]
@@ -307,21 +314,13 @@ class NarrowBeam(RangeLimited):
 
 def test_unset_the_pair_is_the_one_the_daemons_model_wants_on_its_beam():
     # half the reference angle at the model's 10 nm: +-10 um, and the far pair as far apart as the model answers
-    sem = FakeSBEMimageSEM()
-    start = sem.true_wd + 80e-6
-    sem.wd = start
-    est = NarrowBeam(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
-    with serving(est) as address:
-        res = run_deepfocus_af(sem, settings_for(address, max_iterations=5, pixel_size_nm=10.0,
-                                                 max_wd_stig_diff=(100e-6, 2.0, 2.0)))
+    sem, est, res, start = run_from(80.0, NarrowBeam, max_iterations=5, pixel_size_nm=10.0,
+                                    max_wd_stig_diff=(100e-6, 2.0, 2.0))
     assert res.ok and res.converged, res.message
     assert est.asked[:3] == pytest.approx([10e-6, 15e-6, 10e-6])
     assert sem.wd_log[:2] == pytest.approx([start - 10e-6, start + 10e-6])
     # a perturbation in the settings wins
-    sem = FakeSBEMimageSEM()
-    est = NarrowBeam(sem, blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
-    with serving(est) as address:
-        run_deepfocus_af(sem, settings_for(address, max_iterations=1, perturbation_um=5.0))
+    _, est, _, _ = run_from(0.0, NarrowBeam, max_iterations=1, perturbation_um=5.0)
     assert est.asked == pytest.approx([5e-6])
 
 

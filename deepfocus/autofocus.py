@@ -20,12 +20,12 @@ An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncer
 typical far from focus) moves wd only, and the loop goes on: it never converges on one.
 
 Far beyond the estimator's range (DeepFocus: about 35 um at +-5 um) its patches disagree on wd and the pair is
-refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, or as far apart as
-the estimator answers where that is at least 1.5 times (an aperture-normalised model reads a pair at 3 d as its
-own pair on a beam three times narrower, so its range triples): that answer may spread more (``FAR_SPREAD``),
-moves wd alone (clipped as any step), and the loop goes on at the usual perturbation with nothing learned kept.
-After a far step taken in full, a pair refused again ends the loop as before. Setup_a, 20 starts within +-120 um: 20 instead of 12 within the margin
-(deepfocus/README.md, "Far from focus").
+refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, or as far apart as the
+estimator answers where that is at least 1.5 times (an aperture-normalised model reads a pair at 3 d as its own pair
+on a beam three times narrower, so its range triples): that answer may spread more (``FAR_SPREAD``), moves wd alone
+(clipped as any step), and the loop goes on at the usual perturbation with nothing learned kept. After a far step
+taken in full, a pair refused again ends the loop as before. Setup_a, 20 starts within +-120 um: 20 instead of 12
+within the margin (deepfocus/README.md, "Far from focus").
 
 An objective lens with play rests up to its half-width away from the set wd, on the side it came from. The pair
 cancels it (its frames come from opposite sides) and ends coming down onto wd, so with the half-width known

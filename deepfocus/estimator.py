@@ -45,6 +45,11 @@ DEFAULT_TRAINED_WD_RANGE_UM = 34.0
 # Coarser than the trained range by this factor still answers to within 0.05 of scale (measured:
 # model card, "Pixel sizes and perturbations"); coarser still is refused. Finer is binned into range.
 MAX_COARSE_FACTOR = 1.4
+# Few training pairs had pixels near the finest (3 % of v7's below 6 nm against its 4.7 nm), and there the model
+# answered worse: pixels finer than this many times the finest are binned as well (4 mrad at 5 nm pixels, or 8 mrad
+# at 10 nm: within the margin after one correction 0.55 unbinned, 0.85 and 1.00 binned; deepfocus/README.md,
+# "Which pair the loop takes"). Not further: binned 3 x 3, 3 nm frames leave the model too little field.
+WELL_TRAINED_FACTOR = 1.25
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -170,9 +175,7 @@ class DeepFocusEstimator(Estimator):
 
     def pair_perturbation_m(self, pixel_size_m: float | None = None,
                             aperture_angle_mrad: float | None = None) -> float:
-        """The perturbation (m) at which to take the pair on this beam with frames of ``pixel_size_m``: the
-        model's own, or larger where the beam is narrower or the pixels coarser (``correction.pair_perturbation_m``).
-        """
+        """The pair's perturbation (m) on this beam at ``pixel_size_m`` (``correction.pair_perturbation_m``)."""
         alpha = self._check_alpha(aperture_angle_mrad) or self.aperture_angle_mrad
         return pair_perturbation_m(self.perturbation_m, self.perturbation_range_m, self.alpha_ref_mrad, alpha,
                                    pixel_size_m)
@@ -234,9 +237,8 @@ class DeepFocusEstimator(Estimator):
 
         The blur of a pair depends on alpha |z -/+ d| alone (DESIGN.md, the defocused spot), so a pair at -/+ d
         is the model's pair at -/+ d0 on a beam of half-angle alpha d / d0: the model sees pixels d0 / d as
-        large (and its answers are d0 / d of the true ones). Pixels finer than the model saw in training are
-        binned into its range (binning keeps the blur and only averages noise); much coarser ones are refused.
-        """
+        large (and its answers are d0 / d of the true ones). Pixels finer than the model saw well in training
+        are binned (WELL_TRAINED_FACTOR; binning keeps the blur, averages noise); much coarser ones are refused."""
         d = self.perturbation_m if perturbation_m is None else float(perturbation_m)
         m_nm = self.model_pixel_size_nm(pixel_size_m, aperture_angle_mrad) * self.perturbation_m / d
         if self.model_pixel_range_nm is None:
@@ -247,7 +249,7 @@ class DeepFocusEstimator(Estimator):
                 f"the model would see {m_nm:.1f} nm pixels (pixel size {pixel_size_m * 1e9:g} nm x alpha_ref / alpha "
                 f"x {self.perturbation_m * 1e6:g} um / perturbation {d * 1e6:g} um) but answers up to "
                 f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
-        return m_nm, max(1, math.ceil(lo / m_nm - 1e-9))
+        return m_nm, max(1, math.ceil(WELL_TRAINED_FACTOR * lo / m_nm - 1e-9))
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M

@@ -75,6 +75,18 @@ def test_fine_pixels_are_binned_into_the_models_range(specimen, estimator):
     assert _errors(unbinned, pairs, 3.0, 5.0).mean() > 2 * err.mean()
 
 
+def test_pixels_at_the_fine_edge_of_training_are_binned_too(specimen, estimator):
+    # the finest 3 % of the training pixels (aperture-normalised, below 6 nm) trained the model little: 5 nm at
+    # 4 mrad is binned to 10 nm, 6 nm is not; 3 nm stays 2 x 2 (3 x 3 would leave the model too little field)
+    assert [estimator.sampling(p * 1e-9)[1] for p in (3.0, 4.0, 5.0, 5.5, 6.0, 10.0)] == [2, 2, 2, 2, 1, 1]
+    wide = load_estimator_for(load_profile("setup_a", ["calibration.aperture_angle_mrad=8"]), device="cpu")
+    assert wide.sampling(10e-9) == pytest.approx((5.0, 2))          # an 8 mrad beam at 10 nm: as 4 mrad at 5 nm
+    pairs = _pairs(specimen, 5.0, 5.0, seed=5)
+    assert estimator.estimate(pairs[0][0], pairs[0][1], 5e-9).extra["binned"] == 2
+    err = _errors(estimator, pairs, 5.0, 5.0)
+    assert err.mean() < 0.6 and err.max() < 1.5, err
+
+
 def test_small_frames_report_how_far_their_answer_can_be_trusted(specimen, estimator):
     # A 256 x 256 frame holds one patch: 8 crops of it agreed perfectly (uncertainty 0) whatever the error,
     # so a wrong answer could never be refused. Agreement is measured on non-overlapping tiles instead.

@@ -79,11 +79,13 @@ def pair_perturbation_m(own_m: float, range_m, alpha_ref_mrad: float | None, ape
                         pixel_size_m: float | None) -> float:
     """The perturbation (m) at which to take the pair for a model whose own is ``own_m``: larger by the factor
     that brings the aperture-normalised pixel (``pixel_size x alpha_ref / alpha``) down to PAIR_MODEL_PIXEL_NM,
-    never smaller, and at most the end of ``range_m``. The model's own where the model is not aperture-normalised
-    or the beam or pixel size is not known."""
-    if alpha_ref_mrad is None or aperture_angle_mrad is None or pixel_size_m is None:
+    never smaller, and at most the end of ``range_m``. A beam not known is taken to be the model's reference, as
+    the estimator then takes it; the model's own where the model is not aperture-normalised or the pixel size is
+    not known."""
+    if alpha_ref_mrad is None or pixel_size_m is None:
         return float(own_m)
-    model_px_nm = pixel_size_m * 1e9 * float(alpha_ref_mrad) / float(aperture_angle_mrad)
+    alpha = float(aperture_angle_mrad) if aperture_angle_mrad else float(alpha_ref_mrad)
+    model_px_nm = pixel_size_m * 1e9 * float(alpha_ref_mrad) / alpha
     d = float(own_m) * max(1.0, model_px_nm / PAIR_MODEL_PIXEL_NM)
     return min(d, float(range_m[1])) if range_m else d
 

@@ -116,7 +116,9 @@ def test_the_pair_is_taken_further_apart_on_a_narrow_beam_or_coarse_pixels(echo_
     assert est.pair_perturbation_m(4e-9) == pytest.approx(5e-6)
     # at most the largest the model answers
     assert est.pair_perturbation_m(10e-9, 1.0) == pytest.approx(est.perturbation_range_m[1])
-    # with no angle known, or a model that is not aperture-normalised: the model's own
-    assert load_estimator(echo_model_file).pair_perturbation_m(20e-9) == pytest.approx(5e-6)
+    # with no angle known the model's reference is assumed, as the estimator assumes it for its answers
+    assert load_estimator(echo_model_file).pair_perturbation_m(20e-9) == pytest.approx(10e-6)
+    assert load_estimator(echo_model_file).pair_perturbation_m(10e-9) == pytest.approx(5e-6)
+    # a model that is not aperture-normalised: its own
     v1 = load_estimator(MODELS_DIR / "spectral_v1.pt", aperture_angle_mrad=2.0)
     assert v1.pair_perturbation_m(20e-9) == pytest.approx(v1.perturbation_m)

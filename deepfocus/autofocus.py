@@ -14,7 +14,8 @@ same way. Outcomes:
 
 The pair is taken at the perturbation the estimator wants on the focus frames' pixel size
 (``correction.chosen_perturbation_m``: DeepFocus takes a pair further apart than its own on a narrow beam or
-coarse pixels) unless ``AutofocusSettings.perturbation_m`` sets one.
+coarse pixels) unless ``AutofocusSettings.perturbation_m`` sets one; near an end of the lens's range such a wider
+pair narrows to fit, down to the estimator's own (``fitting_pair_m``).
 
 An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
 typical far from focus) moves wd only, and the loop goes on: it never converges on one.
@@ -204,6 +205,14 @@ def set_wd_coming_down(sem: SEM, target_m: float, play_m: float, ceiling_m: floa
     sem.set_wd_m(target_m)
 
 
+def fitting_pair_m(sem: SEM, wd_m: float, perturbation_m: float, floor_m: float) -> float:
+    """``perturbation_m``, or the largest pair the lens's range leaves room for around ``wd_m`` down to ``floor_m``:
+    a pair the loop chose wider than the estimator's own must not end a run that its own pair would not."""
+    lim = sem.limits
+    room = min(wd_m - lim.wd_min_m, lim.wd_max_m - wd_m)
+    return perturbation_m if room >= perturbation_m else max(room, floor_m)
+
+
 def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None = None,
               should_abort: Callable[[], bool] | None = None,
               on_iteration: Callable[[IterationRecord], None] | None = None) -> AutofocusResult:
@@ -260,6 +269,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
     can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
     pair_d = d
+    own_d = min(d, float(getattr(estimator, "perturbation_m", d)))
     far_landed = False      # a far step was taken in full: it put the loop within the estimator's range
     try:
         if s.scan is not None:
@@ -277,13 +287,14 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 frames_n += len(frames)
                 dose += sum(f.dose_e_per_nm2 for f in frames)
             else:
-                minus, plus = acquire_pair(sem, pair_d)
+                taken_d = pair_d if far or s.perturbation_m is not None else fitting_pair_m(sem, wd, pair_d, own_d)
+                minus, plus = acquire_pair(sem, taken_d)
                 frames = [minus, plus]
                 # the dose is spent even if the estimate fails below
                 frames_n += 2
                 dose += minus.dose_e_per_nm2 + plus.dose_e_per_nm2
                 t0 = time.perf_counter()
-                corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, pair_d)
+                corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, taken_d)
                 step_compute = time.perf_counter() - t0
             compute += step_compute
             values = (corr.wd_um, corr.stig_x, corr.stig_y)

@@ -510,3 +510,25 @@ def test_a_profile_may_pin_the_pair_and_a_setting_given_overrides_it(small_scope
     assert est.asked == pytest.approx([8e-6])
     with pytest.raises(ConfigError, match="autofocus.perturbation_um"):
         load_profile("setup_a", ["autofocus.perturbation_um=0.1"])
+
+
+def _walk_wd(sem, target_m):
+    while abs(sem.get_wd_m() - target_m) > 1e-12:
+        w = sem.get_wd_m()
+        step = 0.9 * sem.limits.wd_step_max_m
+        sem.set_wd_m(w + max(-step, min(step, target_m - w)))
+
+
+def test_a_pair_chosen_wider_than_the_estimators_own_narrows_to_fit_the_lens_range(small_scope):
+    sem = small_scope.sem
+    sem.set_scan(pixel_size_m=10e-9)                   # WantsItsOwnPair: +-10 um here, its own +-5 um
+    _walk_wd(sem, sem.limits.wd_max_m - 7e-6)
+    est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
+    assert res.ok and est.asked == pytest.approx([7e-6])
+    # no room for its own pair either: refused by the lens's limits as before, the start kept
+    _walk_wd(sem, sem.limits.wd_max_m - 3e-6)
+    wd0 = sem.get_wd_m()
+    est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
+    assert res.outcome == "failed" and "working distance" in res.message and sem.get_wd_m() == wd0

@@ -87,13 +87,6 @@ def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndar
     return a, b, scale, 1.0 + lo * scale
 
 
-def normalise_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Check a pair and scale both images to [-1, 1] the same way."""
-    a, b, scale, off = check_pair(minus, plus)
-    return (a.astype(np.float32) * np.float32(scale) - np.float32(off),
-            b.astype(np.float32) * np.float32(scale) - np.float32(off))
-
-
 @dataclass
 class EstimatorSettings:
     n_patches: int = 8                   # on a frame of 1024 x 768 px (in the model's pixels) or smaller

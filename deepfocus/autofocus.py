@@ -119,7 +119,7 @@ class AutofocusSettings:
         with ``changes`` (fields of this class) on top; ``perturbation_m=None`` there keeps the section's."""
         if changes.get("perturbation_m", 0.0) is None:
             del changes["perturbation_m"]
-        base = dict(perturbation_m=config.perturbation_um * 1e-6 if config.perturbation_um > 0 else None,
+        base = dict(perturbation_m=pinned_perturbation_m(config),
                     max_iterations=config.max_iterations, tol_wd_m=config.tol_wd_um * 1e-6,
                     tol_stig=config.tol_stig, max_step_wd_m=config.max_step_wd_um * 1e-6,
                     max_step_stig=config.max_step_stig, max_total_wd_m=config.max_total_wd_um * 1e-6,
@@ -203,6 +203,12 @@ def set_wd_coming_down(sem: SEM, target_m: float, play_m: float, ceiling_m: floa
     if over > 0:
         sem.set_wd_m(target_m + over)
     sem.set_wd_m(target_m)
+
+
+def pinned_perturbation_m(config: AutofocusConfig) -> float | None:
+    """The pair's perturbation (m) a profile pins (``autofocus.perturbation_um``); None where it leaves it to the
+    estimator (0)."""
+    return config.perturbation_um * 1e-6 if config.perturbation_um > 0 else None
 
 
 def fitting_pair_m(sem: SEM, wd_m: float, perturbation_m: float, floor_m: float) -> float:

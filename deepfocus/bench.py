@@ -349,7 +349,7 @@ def true_correction_um(minus, plus) -> float:
 def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: tuple[float, float] = (1.0, 20.0),
              stig_range: float = 2.0) -> dict:
     """Single-iteration fidelity (thesis fig.): predicted vs true wd correction from one pair."""
-    from .autofocus import acquire_pair
+    from .autofocus import acquire_pair, pinned_perturbation_m
     rng = np.random.default_rng(cfg.seed + 7)
     specs = specimens(cfg)
     est = None
@@ -358,8 +358,8 @@ def fidelity(cfg: BenchConfig, n: int, method: str = "deepfocus", wd_range_um: t
         scope = aberrated_scope(cfg, rng, specs[i % len(specs)], wd_range_um, stig_range)
         if est is None:
             est = make_method(method, scope.config, cfg.model, cfg.n_patches)
-        pinned = scope.config.autofocus.perturbation_um * 1e-6
-        d = _perturbation_m(cfg) or pinned or chosen_perturbation_m(est, scope.sem.get_scan().pixel_size_m)
+            d = _perturbation_m(cfg) or pinned_perturbation_m(scope.config.autofocus) or \
+                chosen_perturbation_m(est, scope.sem.get_scan().pixel_size_m)
         minus, plus = acquire_pair(scope.sem, d)
         c = est.estimate(minus.image, plus.image, minus.scan.pixel_size_m, d)
         true.append(true_correction_um(minus, plus))

@@ -153,15 +153,14 @@ def autofocus_command(args) -> int:
 
 
 def calibrate_command(args) -> int:
-    from .autofocus import AutofocusSettings, autofocus
+    from .autofocus import AutofocusSettings, autofocus, pinned_perturbation_m
     from .calibrate import CalibrationSettings, calibrate
     from .estimator import load_estimator_for
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     try:
         d = _perturbation_m(args)
         scope = _open_scope(args)
-        if d is None and scope.config.autofocus.perturbation_um > 0:
-            d = scope.config.autofocus.perturbation_um * 1e-6        # the pair the profile pins
+        d = d or pinned_perturbation_m(scope.config.autofocus)
         est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
             if args.method == "deepfocus" else _method(args.method, scope, None)
     except (OSError, ValueError, ImportError) as exc:

@@ -19,6 +19,7 @@ The last three fully connected layers of each model are named ``fc1``-``fc3`` (o
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -186,11 +187,18 @@ class _Head(nn.Module):
         return self.model.head(feat)
 
 
-def load_torchscript(path, map_location, extra_files: dict):
-    """``torch.jit.load`` without torch's deprecation notice for TorchScript, this project's model format (the
-    notice says nothing a user can act on, and ``deepfocus`` commands print it on every model they open)."""
+@contextlib.contextmanager
+def _quiet_torchscript():
+    """Without torch's deprecation notices for TorchScript, this project's model format: they say nothing a user
+    can act on, and ``deepfocus`` commands printed one for every model they opened."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def load_torchscript(path, map_location, extra_files: dict):
+    """``torch.jit.load`` without the deprecation notice."""
+    with _quiet_torchscript():
         return torch.jit.load(str(path), map_location=map_location, _extra_files=extra_files)
 
 
@@ -203,9 +211,7 @@ def cpu_head(model: nn.Module):
     ms on 2 cores, and an estimate 9.7 against 10.1 ms (deepfocus/README.md, "Compute"). Answers agree to 2e-6 um.
     For inference only: the frozen copy no longer follows the model's parameters."""
     try:
-        with warnings.catch_warnings():
-            # TorchScript is this model format; its deprecation notices say nothing the user can act on
-            warnings.simplefilter("ignore", FutureWarning)
+        with _quiet_torchscript():
             return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(_Head(model)).eval()))
     except (RuntimeError, AttributeError, torch.jit.Error, torch.jit.frontend.FrontendError):
         # a model TorchScript cannot compile or freeze: its head as it is (slower, the same answers)

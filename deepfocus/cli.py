@@ -42,7 +42,7 @@ def estimator_settings(n: int | None):
     return EstimatorSettings(n_patches=int(n))
 
 
-def _perturbation_m(args) -> float | None:
+def perturbation_m_from_args(args) -> float | None:
     """``--perturbation-um D`` in metres (None: the one the method wants on these frames); the estimator says which
     it answers."""
     d = getattr(args, "perturbation_um", None)
@@ -51,6 +51,16 @@ def _perturbation_m(args) -> float | None:
     if not (math.isfinite(d) and 0.1 <= d <= 100):
         raise ValueError(f"--perturbation-um must be the wd step of the pair in micrometres (e.g. 5), got {d:g}")
     return d * 1e-6
+
+
+def check_pixel_size_nm(pixel_size_nm: float) -> None:
+    from .estimator import PIXEL_SIZE_RANGE_M
+    lo_nm, hi_nm = (v * 1e9 for v in PIXEL_SIZE_RANGE_M)
+    # to 1e-9 nm: the range's ends in metres do not come back exactly in nanometres
+    if not (math.isfinite(pixel_size_nm) and lo_nm * (1 - 1e-9) <= pixel_size_nm <= hi_nm * (1 + 1e-9)):
+        # the usual slip is a pixel size in um or m: name the flag and its unit, not the internal metres
+        raise ValueError(f"--pixel-size-nm {pixel_size_nm:g} is outside {lo_nm:g}-{hi_nm:g} nm; give the "
+                         "pixel size in nanometres (10 nm pixels: --pixel-size-nm 10)")
 
 
 def predict_command(args) -> int:
@@ -64,18 +74,13 @@ def predict_command(args) -> int:
         from .service.cli import predict_remote
         return predict_remote(args)
     try:
-        from .estimator import PIXEL_SIZE_RANGE_M
-        lo_nm, hi_nm = (v * 1e9 for v in PIXEL_SIZE_RANGE_M)
-        if not lo_nm <= args.pixel_size_nm <= hi_nm:
-            # the usual slip is a pixel size in um or m: name the flag and its unit, not the internal metres
-            raise ValueError(f"--pixel-size-nm {args.pixel_size_nm:g} is outside {lo_nm:g}-{hi_nm:g} nm; give the "
-                             "pixel size in nanometres (10 nm pixels: --pixel-size-nm 10)")
+        check_pixel_size_nm(args.pixel_size_nm)
+        d = perturbation_m_from_args(args)
         from .sbemimage import read_image
         minus, plus = read_image(args.minus), read_image(args.plus)
         est = _estimator_from_args(args)
         if args.aperture_angle_mrad is not None:
             est.aperture_angle_mrad = est._check_alpha(args.aperture_angle_mrad)
-        d = args.perturbation_um * 1e-6 if args.perturbation_um is not None else None
         corr = est.estimate(minus, plus, args.pixel_size_nm * 1e-9, d)
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
@@ -132,7 +137,7 @@ def autofocus_command(args) -> int:
             sem.set_wd_m(scope.sim.true_wd_m() + args.start_wd_um * 1e-6)
         # the loop's limits and tolerances are the microscope's (its YAML's autofocus section)
         changes = {} if args.iterations is None else {"max_iterations": args.iterations}
-        settings = AutofocusSettings.from_config(scope.config.autofocus, perturbation_m=_perturbation_m(args),
+        settings = AutofocusSettings.from_config(scope.config.autofocus, perturbation_m=perturbation_m_from_args(args),
                                                  **changes)
         _estimator_settings(args)
     except (ValueError, OSError) as exc:
@@ -158,7 +163,7 @@ def calibrate_command(args) -> int:
     from .estimator import load_estimator_for
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     try:
-        d = _perturbation_m(args)
+        d = perturbation_m_from_args(args)
         scope = _open_scope(args)
         d = d or pinned_perturbation_m(scope.config.autofocus)
         est = load_estimator_for(scope.config, args.model, settings=_estimator_settings(args)) \
@@ -225,7 +230,7 @@ def bench_command(args) -> int:
                           n_patches=args.patches, pixel_size_nm=args.pixel_size_nm, frame_px=tuple(args.frame_px),
                           perturbation_um=args.perturbation_um, blank_fraction=args.blank_fraction)
         _estimator_settings(args)
-        _perturbation_m(args)
+        perturbation_m_from_args(args)
         check_scans(cfg)
         if (args.probe_shapes or args.frame_artefacts or args.fidelity) and any("@" in m for m in cfg.methods):
             raise ValueError("a method's own scan (NAME@...) is for closed-loop runs; single pairs take "

@@ -12,6 +12,7 @@ late reply to an earlier attempt is recognised and discarded.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import time
@@ -106,6 +107,8 @@ class DeepFocusClient:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-{uuid.uuid4().hex[:8]}"
+        # what the daemon accepts: its defaults until ``hello`` tells this daemon's own
+        self.limits = P.Limits()
 
     # -- socket lifecycle --------------------------------------------------------
 
@@ -212,7 +215,14 @@ class DeepFocusClient:
     # -- operations ----------------------------------------------------------------
 
     def hello(self, **kw: Any) -> dict[str, Any]:
-        return self.request("hello", **kw).result
+        result = self.request("hello", **kw).result
+        lim = result.get("limits")
+        if isinstance(lim, dict):
+            try:
+                self.limits = P.Limits(**{k: v for k, v in lim.items() if k in P.Limits.__dataclass_fields__})
+            except TypeError:
+                pass                            # a daemon of another version: keep the defaults
+        return result
 
     def health(self, **kw: Any) -> dict[str, Any]:
         return self.request("health", **kw).result
@@ -220,20 +230,21 @@ class DeepFocusClient:
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None, options: dict[str, Any] | None = None,
                  **kw: Any) -> Correction:
-        params: dict[str, Any] = {"pixel_size_m": float(pixel_size_m)}
+        # checked here: a NaN would travel as JSON null, which the daemon reads as "not given"
+        params: dict[str, Any] = {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)}
         if perturbation_m is not None:
-            params["perturbation_m"] = float(perturbation_m)
+            params["perturbation_m"] = _positive_m("perturbation_m", perturbation_m)
         if options:
             params["options"] = options
-        resp = self.request("estimate", params, [_as_image(minus), _as_image(plus)], **kw)
+        resp = self.request("estimate", params, [self._image(minus), self._image(plus)], **kw)
         corr = P.correction_from_result(resp.result)
         corr.timings_s = dict(corr.timings_s or {})
         corr.timings_s["round_trip"] = resp.round_trip_s
         return corr
 
     def score(self, image: np.ndarray, pixel_size_m: float, **kw: Any) -> dict[str, Any]:
-        return self.request("score", {"pixel_size_m": float(pixel_size_m)},
-                            [_as_image(image)], **kw).result
+        return self.request("score", {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)},
+                            [self._image(image)], **kw).result
 
     def models(self, action: str = "list", name: str | None = None, **kw: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"action": action}
@@ -242,14 +253,29 @@ class DeepFocusClient:
         return self.request("models", params, **kw).result
 
 
-def _as_image(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    if a.ndim != 2:
-        raise ValueError(f"images must be 2-D, got shape {a.shape}")
-    if a.dtype.name not in P.ALLOWED_DTYPES:
-        raise ValueError(f"image dtype {a.dtype} cannot be sent; use one of "
-                         f"{', '.join(P.ALLOWED_DTYPES)}")
-    return a
+    def _image(self, a: np.ndarray) -> np.ndarray:
+        """``a`` as the daemon takes it; what it would refuse is refused here, by name (an array above its
+        message size limit is not refused: the daemon's socket drops the connection, and the client would wait
+        out its timeouts and report the daemon unreachable)."""
+        a = np.asarray(a)
+        if a.ndim != 2:
+            raise ValueError(f"images must be 2-D, got shape {a.shape}")
+        if a.dtype.name not in P.ALLOWED_DTYPES:
+            raise ValueError(f"image dtype {a.dtype} cannot be sent; use one of "
+                             f"{', '.join(P.ALLOWED_DTYPES)}")
+        lim = self.limits
+        if max(a.shape) > lim.max_side_px or a.nbytes > lim.max_array_bytes:
+            raise ValueError(f"a {a.shape[1]} x {a.shape[0]} px {a.dtype} image ({a.nbytes / 1e6:.3g} MB) is more "
+                             f"than the daemon at {self.address} takes (at most {lim.max_side_px} px a side and "
+                             f"{lim.max_array_bytes / 1e6:.3g} MB): send a smaller frame or fewer bytes per pixel")
+        return a
+
+
+def _positive_m(name: str, value: float) -> float:
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a positive length in metres, got {value!r}")
+    return v
 
 
 class RemoteEstimator(Estimator):

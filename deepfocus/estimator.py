@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,7 +247,10 @@ class DeepFocusEstimator(Estimator):
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
-        if not (isinstance(pixel_size_m, (int, float)) and math.isfinite(pixel_size_m) and lo <= pixel_size_m <= hi):
+        # any real number (numpy's float32 too); the range's ends with a little slack, as 200 nm comes from a
+        # user's nanometres as 2.0000000000000002e-07 m
+        if not (isinstance(pixel_size_m, numbers.Real) and not isinstance(pixel_size_m, (bool, np.bool_))
+                and math.isfinite(pixel_size_m) and lo * (1 - 1e-9) <= pixel_size_m <= hi * (1 + 1e-9)):
             raise ValueError(f"pixel_size_m must be in metres between {lo:g} and {hi:g} (e.g. 10e-9), "
                              f"got {pixel_size_m!r}")
         d = self.perturbation_m if perturbation_m is None else float(perturbation_m)

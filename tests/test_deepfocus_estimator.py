@@ -293,6 +293,22 @@ def test_predict_names_the_flag_when_the_pixel_size_is_in_the_wrong_unit(tmp_pat
         assert f"--pixel-size-nm {wrong}" in out.stderr and "nanometres" in out.stderr
 
 
+def test_predict_checks_its_numbers_before_asking_a_daemon(tmp_path, pair, capsys):
+    """0 or NaN would reach the daemon as "no perturbation given" and be answered for the model's own pair; the
+    range's ends are inside it."""
+    from deepfocus.cli import main as cli_main
+    a, b = _write_pair(tmp_path, pair)
+    base = ["predict", str(a), str(b), "--connect", "tcp://127.0.0.1:1", "--timeout-s", "0.2", "--retries", "0"]
+    for bad in ("0", "nan", "-5"):
+        assert cli_main(base + ["--pixel-size-nm", "10", "--perturbation-um", bad]) == 4
+        assert "--perturbation-um must be the wd step of the pair in micrometres" in capsys.readouterr().err
+    assert cli_main(base + ["--pixel-size-nm", "0.01"]) == 4
+    assert "--pixel-size-nm 0.01 is outside" in capsys.readouterr().err
+    # the range's end is taken (200 nm comes to 2.0000000000000002e-07 m); no daemon there to answer
+    assert cli_main(base + ["--pixel-size-nm", "200"]) == 2
+    assert "is not answering" in capsys.readouterr().err
+
+
 def test_shipped_model_answers_mirror_averaged_and_older_models_plainly(pair):
     """The shipped model averages each patch pair's answer with its mirror image's; switched off, or with a model
     exported before that existed (spectral_v4), the plain answer comes back; the two answers agree within the

@@ -249,11 +249,44 @@ def test_estimator_exception_is_an_error_reply_and_daemon_continues(serve):
     small = image_pair(1.0, shape=(64, 64))  # smaller than one patch: the estimator raises
     ok = image_pair(1.0, shape=(256, 256))
     with DeepFocusClient(srv.address, timeout_s=5, retries=0) as c:
-        with pytest.raises(RemoteError, match="estimator_failed.*smaller than one 256 px patch"):
+        with pytest.raises(RemoteError, match="bad_request.*smaller than one 256 px patch"):
             c.estimate(*small, 1e-8)
         with pytest.raises(RemoteError, match="option.*'n_pairs'"):
             c.estimate(*ok, 1e-8, options={"n_pairs": 3})
         assert c.estimate(*ok, 1e-8, options={"max_patches": 1}).n_patches == 1
+
+
+class _BrokenEstimator(PowerRatioEstimator):
+    def estimate(self, minus, plus, pixel_size_m, perturbation_m=None):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_an_estimator_fault_is_told_apart_from_bad_input_and_the_daemon_continues(serve):
+    srv = serve(_BrokenEstimator())
+    with DeepFocusClient(srv.address, timeout_s=5, retries=0) as c:
+        with pytest.raises(RemoteError, match="estimator_failed.*RuntimeError: CUDA error") as err:
+            c.estimate(*image_pair(1.0, shape=(256, 256)), 1e-8)
+        assert err.value.code == "estimator_failed"
+        assert c.health()["status"] == "ok"
+
+
+def test_the_client_refuses_what_the_daemon_would_misread_or_drop(serve):
+    srv = serve(PowerRatioEstimator(patch_px=256))
+    pair = image_pair(1.0, shape=(256, 256))
+    with DeepFocusClient(srv.address, timeout_s=5, retries=0) as c:
+        # a NaN travels as JSON null, which means "not given": the model's own pair would be assumed
+        for bad in (float("nan"), 0.0, -5e-6):
+            with pytest.raises(ValueError, match="perturbation_m must be a positive length"):
+                c.estimate(*pair, 1e-8, bad)
+        with pytest.raises(ValueError, match="pixel_size_m must be a positive length"):
+            c.estimate(*pair, float("nan"))
+        # beyond the daemon's size limit its socket drops the connection without a reply: said before sending
+        c.hello()
+        assert c.limits.max_side_px == P.Limits().max_side_px
+        c.limits = P.Limits(max_array_bytes=200_000)
+        with pytest.raises(ValueError, match=r"256 x 256 px float64 image \(0.524 MB\) is more than the daemon"):
+            c.estimate(pair[0].astype("float64"), pair[1].astype("float64"), 1e-8)
+        assert c.estimate(*pair, 1e-8).status == "ok"
 
 
 def test_score_runs_the_active_models_score(serve):

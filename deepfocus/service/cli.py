@@ -243,14 +243,18 @@ def predict_remote(args: argparse.Namespace) -> int:
     from ..sbemimage import read_image
     from .protocol import json_safe
 
+    from ..cli import check_pixel_size_nm, perturbation_m_from_args
+
     try:
+        # checked here, by flag and unit: 0 or NaN must not reach the daemon as "no perturbation given"
+        check_pixel_size_nm(args.pixel_size_nm)
+        perturbation_m = perturbation_m_from_args(args)
         minus, plus = read_image(args.minus), read_image(args.plus)
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    perturbation_um = getattr(args, "perturbation_um", None)
     corr, code = _ask_daemon(args, "predict", lambda client: client.estimate(
-        minus, plus, args.pixel_size_nm * 1e-9, perturbation_um * 1e-6 if perturbation_um else None))
+        minus, plus, args.pixel_size_nm * 1e-9, perturbation_m))
     if code is not None:
         return code
     if getattr(args, "json", False):

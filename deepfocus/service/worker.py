@@ -260,7 +260,12 @@ class Worker(threading.Thread):
         name, est = self._active()
         kwargs = _accepted_options(est.estimate, options)
         t0 = time.perf_counter()
-        corr = est.estimate(minus, plus, pixel_size_m, perturbation_m, **kwargs)
+        try:
+            corr = est.estimate(minus, plus, pixel_size_m, perturbation_m, **kwargs)
+        except ValueError as exc:
+            # estimators raise ValueError for input they cannot answer (frames too small, a perturbation the
+            # model was not trained for): the request's fault, not the estimator's
+            raise P.ProtocolError(str(exc), "bad_request") from exc
         t1 = time.perf_counter()
         result = corr.to_dict()
         result["model_id"] = result.get("model_id") or name

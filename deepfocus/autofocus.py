@@ -266,12 +266,20 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
 
     if hasattr(estimator, "reset"):
         estimator.reset()
+    # refuse before any frame is taken what the estimator cannot answer: the pair would cost dose for nothing
+    refusal = ""
     if not answers_perturbation(estimator, d):
-        # refuse before any frame is taken: the pair would cost dose and answer nothing
         lo_d, hi_d = estimator.perturbation_range_m
+        refusal = f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um the estimator answers"
+    elif hasattr(estimator, "check_frames"):
+        scan = s.scan or prev_scan
+        try:
+            estimator.check_frames((scan.height_px, scan.width_px), scan.pixel_size_m, d)
+        except ValueError as exc:
+            refusal = str(exc)
+    if refusal:
         return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
-                               f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um "
-                               "the estimator answers", {"perturbation_m": d})
+                               refusal, {"perturbation_m": d})
     far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
     can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
     pair_d = d
@@ -303,7 +311,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 corr = estimator.estimate(minus.image, plus.image, minus.scan.pixel_size_m, taken_d)
                 step_compute = time.perf_counter() - t0
             compute += step_compute
-            values = (corr.wd_um, corr.stig_x, corr.stig_y)
+            # an uncertainty of NaN would pass every "above the limit" test below
+            values = (corr.wd_um, corr.stig_x, corr.stig_y, corr.uncertainty_wd_um, corr.uncertainty_stig)
             bad = not all(math.isfinite(v) for v in values)
             # a wd-only answer (astigmatism left for later, see the estimator) carries no stigmator step
             wd_only = bool(corr.extra.get("astig_uncertain"))
@@ -319,7 +328,7 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 if corr.status != "ok":
                     reason = corr.extra.get("reason") or f"the estimator answered {corr.status!r}"
                 elif bad:
-                    reason = "non-finite correction"
+                    reason = "non-finite correction or uncertainty"
                 else:
                     reason = f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, stig {corr.uncertainty_stig:.2f}"
                 rec = IterationRecord(it, wd, stig, corr.to_dict(), wd, stig, False, elapsed(), dose, step_compute,

@@ -160,7 +160,8 @@ def check_scans(cfg: BenchConfig) -> None:
 def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
     cal = StigCalibration.from_config(cfg_micro)
     if name == "deepfocus":
-        from .estimator import EstimatorSettings, load_estimator_for
+        from .estimator import EstimatorSettings
+        from .model_files import load_estimator_for
         settings = EstimatorSettings(n_patches=n_patches) if n_patches else None
         return load_estimator_for(cfg_micro, model, settings=settings)
     if name == "mapfost":

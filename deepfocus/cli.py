@@ -20,7 +20,7 @@ def _estimator_from_args(args):
     """The shipped or named model, calibrated for ``--profile`` (stigmator units, aperture angle) if given."""
     from hardware.config import load_profile
 
-    from .estimator import load_estimator, load_estimator_for
+    from .model_files import load_estimator, load_estimator_for
     settings = _estimator_settings(args)
     if getattr(args, "profile", None):
         return load_estimator_for(load_profile(args.profile, args.set or []), args.model, device=args.device,
@@ -140,10 +140,11 @@ def autofocus_command(args) -> int:
         settings = AutofocusSettings.from_config(scope.config.autofocus, perturbation_m=perturbation_m_from_args(args),
                                                  **changes)
         _estimator_settings(args)
-    except (ValueError, OSError) as exc:
+        method = _method(args.method, scope, args.model, args.patches)
+    except (ValueError, OSError, ImportError) as exc:
         print(f"deepfocus autofocus: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    res = autofocus(sem, _method(args.method, scope, args.model, args.patches), settings)
+    res = autofocus(sem, method, settings)
     out = {"outcome": res.outcome, "message": res.message, "iterations": summarise(res),
            "images_taken": res.images_taken, "dose_e_per_nm2": res.dose_e_per_nm2, "elapsed_s": res.elapsed_s,
            "compute_s": res.compute_s, "lens_play_compensated_um": res.extra.get("lens_play_m", 0.0) * 1e6,
@@ -160,7 +161,7 @@ def autofocus_command(args) -> int:
 def calibrate_command(args) -> int:
     from .autofocus import AutofocusSettings, autofocus, pinned_perturbation_m
     from .calibrate import CalibrationSettings, calibrate
-    from .estimator import load_estimator_for
+    from .model_files import load_estimator_for
     log = (lambda s: None) if args.json else (lambda s: print(s, file=sys.stderr))
     try:
         d = perturbation_m_from_args(args)

@@ -127,3 +127,8 @@ class Estimator(ABC):
     def pair_perturbation_m(self, pixel_size_m: float | None = None) -> float:
         """The perturbation (m) at which the loop takes the pair on frames of ``pixel_size_m``: its own."""
         return self.perturbation_m
+
+    def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
+        """ValueError, naming why, where pairs of frames of ``shape`` (rows, columns) and ``pixel_size_m`` taken
+        at -/+ ``perturbation_m`` cannot be answered: the loop asks before it spends dose on the first pair.
+        By default every scan is taken."""

@@ -1,6 +1,6 @@
 """The in-process DeepFocus estimator: patch pairs, batched inference, consensus, uncertainty.
 
-``load_estimator(path)`` opens a TorchScript model written by ``deepfocus train`` (its
+``model_files.load_estimator(path)`` opens a TorchScript model written by ``deepfocus train`` (its
 ``meta.json`` says which perturbation and patch size it was trained for). ``estimate``
 crops N patch pairs at the same offsets in both images (once the frames are registered,
 ``deepfocus.registration``), rejects patches without
@@ -10,7 +10,6 @@ of the patch predictions around the consensus is the uncertainty.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import time
@@ -26,8 +25,9 @@ from .contrast import contrast_ratio, equalising_maps
 from .correction import Correction, Estimator, answers_perturbation, pair_perturbation_m
 from .databar import scanned_region
 from .features import structure_ratio
-from .models import cpu_head, load_torchscript, symmetry_averaged
-from .patches import consensus, count_tiles, overlaps_little, patch_count, patch_offsets, tile_offsets
+from .models import cpu_head, symmetry_averaged
+from .patches import (MAX_NOISE_CORRELATION, consensus, count_tiles, noise_correlation, overlaps_little, patch_count,
+                      patch_offsets, tile_offsets)
 from .line_offsets import remove_line_offsets_
 from .registration import (BIN, MIN_FIELD_CORRELATION, bin_frame, binned_shift, common_field, field_correlation,
                            measure_shift)
@@ -57,8 +57,11 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return torch.device(device)
+        raise ValueError(f"device {device!r} requested but CUDA is not available here: use 'cpu' or 'auto'")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from None
 
 
 def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -84,6 +87,10 @@ def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndar
                 raise ValueError(f"the {name} image contains {bad} NaN or infinite pixel(s)")
     lo = float(min(a.min(), b.min()))
     hi = float(max(a.max(), b.max()))
+    if a.dtype.kind == "f" and max(-lo, hi) > 1e6:
+        # frames in counts or physical units: their squares overflow the float32 spectra and sums downstream
+        a, b = (((img - lo) / (hi - lo)).astype(np.float32) for img in (a, b))
+        lo, hi = 0.0, 1.0
     scale = 2.0 / max(hi - lo, 1e-12)
     return a, b, scale, 1.0 + lo * scale
 
@@ -183,9 +190,19 @@ class DeepFocusEstimator(Estimator):
                 continue
             x = torch.zeros(n, 2, p, p, device=self.device)
             x[:, :, ::7, ::5] = 1.0
-            with torch.no_grad():
-                for _ in range(3):
-                    self._forward()(x, 10.0)
+            try:
+                with torch.no_grad():
+                    for _ in range(3):
+                        out = self._forward()(x, 10.0)
+            except (RuntimeError, TypeError, torch.jit.Error) as exc:
+                raise ValueError(f"model {self.model_id} cannot answer patch pairs of {p} px: {exc}") from None
+            # a file of another kind fails here, not in the first correction
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if got == (n, 4) and not bool(out.isfinite().all()):
+                got = "non-finite values"
+            if got != (n, 4):
+                raise ValueError(f"model {self.model_id} answers {n} patch pairs with {got}: a DeepFocus model "
+                                 f"answers ({n}, 4) finite values (wd, astigmatism x and y, score)")
 
     def _forward(self):
         """The model's answer for a batch of patch pairs: averaged over the pair swapped and mirrored where the
@@ -244,6 +261,13 @@ class DeepFocusEstimator(Estimator):
                 f"x {self.perturbation_m * 1e6:g} um / perturbation {d * 1e6:g} um) but answers up to "
                 f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
         return m_nm, max(1, math.ceil(WELL_TRAINED_FACTOR * lo / m_nm - 1e-9))
+
+    def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
+        d = self._check(shape, pixel_size_m, perturbation_m)
+        nbin = self.sampling(pixel_size_m, d)[1] if self.settings.bin_fine_pixels else 1
+        if min(shape) // nbin < 64:
+            raise ValueError(f"frames of {shape[1]} x {shape[0]} px at {pixel_size_m * 1e9:g} nm are binned {nbin} x "
+                             f"{nbin} for this model: too small, need at least {64 * nbin} px per side")
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
@@ -311,12 +335,12 @@ class DeepFocusEstimator(Estimator):
             return self._uncertain(f"only {int(valid.sum())} of {len(offs)} patches show structure "
                                    f"(need {need}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
-        # the binned copies first: where they differ the frames do too, and comparing them costs nothing
-        if np.array_equal(*binned) and np.array_equal(a, b):
-            # two scans never agree pixel for pixel: the same frame was passed twice
-            return self._uncertain("the two images are identical: pass the frame taken at wd - d and the one at "
-                                   "wd + d", {"total": time.perf_counter() - t0},
-                                   int(valid.sum()))
+        nc = noise_correlation(x)
+        if nc > MAX_NOISE_CORRELATION:
+            # two scans never share their noise: one frame was passed twice (or re-saved, offset or scaled)
+            return self._uncertain(f"the two images are copies of one frame (their pixel noise agrees: correlation "
+                                   f"{nc:.3f}): pass the frame taken at wd - d and the one at wd + d",
+                                   {"total": time.perf_counter() - t0}, int(valid.sum()))
         extra: dict = {"databar_px": list(region.dropped_px)} if region is not None and region.any_dropped else {}
         if s.min_field_correlation > 0:
             fc = field_correlation(a, b, binned)
@@ -349,6 +373,9 @@ class DeepFocusEstimator(Estimator):
                     "brightness/contrast between the frames", {"total": time.perf_counter() - t0},
                     int(valid.sum()), extra)
         pred = self._infer(x, valid, model_px_nm, d_ratio)
+        if not np.isfinite(pred).all():
+            return self._uncertain(f"model {self.model_id} answered non-finite values for these frames",
+                                   {"total": time.perf_counter() - t0}, int(valid.sum()), extra)
         mean, spread = consensus(pred)
         if not small and not filled and abs(mean[0]) >= s.far_wd_um:
             more = self._far_patches(a, b, offs, patch, nbin, maps, model_px_nm, d_ratio)
@@ -563,36 +590,3 @@ class DeepFocusEstimator(Estimator):
                           uncertainty_wd_um=float("inf"), uncertainty_stig=float("inf"), status="uncertain",
                           model_id=self.model_id, n_patches=n, timings_s=timings,
                           extra=dict(extra or {}, reason=reason))
-
-
-def read_meta(path: Path) -> dict:
-    files = {"meta.json": ""}
-    load_torchscript(path, "cpu", files)
-    return json.loads(files["meta.json"] or "{}")
-
-
-def load_estimator(path: str | Path | None = None, device: str = "auto", calibration: StigCalibration | None = None,
-                   settings: EstimatorSettings | None = None, threads: int | None = None,
-                   aperture_angle_mrad: float | None = None) -> DeepFocusEstimator:
-    """Open a TorchScript model file (default: the shipped model) as an estimator."""
-    p = Path(path) if path is not None else DEFAULT_MODEL
-    if not p.is_file():
-        shipped = sorted(q.name for q in MODELS_DIR.glob("*.pt")) if MODELS_DIR.is_dir() else []
-        raise FileNotFoundError(f"model file {str(p)!r} does not exist; shipped models in {MODELS_DIR}: "
-                                f"{', '.join(shipped) or 'none'}")
-    files = {"meta.json": ""}
-    dev = pick_device(device)
-    try:
-        model = load_torchscript(p, dev, files)
-    except Exception as exc:  # torch's own message names neither the file nor what was expected
-        raise ValueError(f"{str(p)!r} is not a TorchScript DeepFocus model: {exc}") from None
-    meta = json.loads(files["meta.json"] or "{}")
-    return DeepFocusEstimator(model, meta, calibration, settings, device=str(dev), threads=threads, model_id=p.name,
-                              aperture_angle_mrad=aperture_angle_mrad)
-
-
-def load_estimator_for(cfg, path: str | Path | None = None, **kwargs) -> DeepFocusEstimator:
-    """An estimator for the microscope described by a ``hardware.config.MicroscopeConfig``:
-    its stigmator calibration and its aperture angle, as the installation knows them."""
-    return load_estimator(path, calibration=StigCalibration.from_config(cfg),
-                          aperture_angle_mrad=cfg.calibration.aperture_angle_mrad, **kwargs)

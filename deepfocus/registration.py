@@ -96,12 +96,15 @@ def measure_shift(minus: np.ndarray, plus: np.ndarray,
     h, w = a.shape[0] * BIN, a.shape[1] * BIN
     if h < 16 * BIN or w < 16 * BIN:
         return PairShift(0, 0, 0.0)
-    if not (np.isfinite(a).all() and np.isfinite(b).all()) or a.std() == 0 or b.std() == 0:
+    sa, sb = float(a.std()), float(b.std())
+    if not (np.isfinite(a).all() and np.isfinite(b).all() and np.isfinite(sa * sb)) or sa == 0 or sb == 0:
         return PairShift(0, 0, 0.0)
     win = cv2.createHanningWindow((a.shape[1], a.shape[0]), cv2.CV_32F)
-    # copies: phaseCorrelate multiplies its inputs by the window in place (OpenCV 4-5), and the binned frames are
-    # read again by the contrast measurement and the same-field check
-    (dx, dy), response = cv2.phaseCorrelate(a.copy(), b.copy(), win)
+    # Scaled to unit spread: the cross-power spectrum of frames in the millions (a float image in counts or
+    # physical units) overflows float32. Scaled copies, too: phaseCorrelate multiplies its inputs by the window
+    # in place (OpenCV 4-5), and the binned frames are read again by the contrast measurement and the same-field
+    # check.
+    (dx, dy), response = cv2.phaseCorrelate(a * np.float32(1 / sa), b * np.float32(1 / sb), win)
     dy_px, dx_px = int(round(dy * BIN)), int(round(dx * BIN))
     if (response < MIN_RESPONSE or max(abs(dy_px), abs(dx_px)) < MIN_SHIFT_PX
             or abs(dy_px) > h // 4 or abs(dx_px) > w // 4):

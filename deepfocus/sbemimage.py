@@ -151,25 +151,15 @@ class AutofocusAbort(RuntimeError):
 def read_image(path: str | Path) -> np.ndarray:
     """A 2-D image from TIFF (tifffile or Pillow), PNG or ``.npy``, in its stored dtype."""
     path = Path(path)
+    if path.is_dir():
+        raise OSError(f"{path} is a directory, not an image file")
     if not path.is_file():
         raise OSError(f"image file {path} does not exist")
-    if path.suffix.lower() == ".npy":
-        img = np.load(path, allow_pickle=False)
-    else:
-        img = None
-        if path.suffix.lower() in (".tif", ".tiff"):
-            try:
-                import tifffile
-
-                img = tifffile.imread(path)
-            except ImportError:
-                img = None
-        if img is None:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                img = np.asarray(im)
-    img = np.asarray(img)
+    try:
+        img = _read(path)
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        # the readers' own messages ("corrupted IFD structure", "failed to read 1572864 bytes") name no file
+        raise ValueError(f"cannot read image file {path}: {exc or type(exc).__name__}") from None
     # a single page saved with a leading axis (1, H, W), as some acquisition tools write it
     while img.ndim > 2 and img.shape[0] == 1:
         img = img[0]
@@ -181,6 +171,23 @@ def read_image(path: str | Path) -> np.ndarray:
     if img.ndim != 2:
         raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
     return img
+
+
+def _read(path: Path) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
+        return np.asarray(np.load(path, allow_pickle=False))
+    if path.suffix.lower() in (".tif", ".tiff"):
+        try:
+            import tifffile
+        except ImportError:
+            pass
+        else:
+            return np.asarray(tifffile.imread(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        # a palette image's pixels are indices into its palette, not grey levels
+        return np.asarray(im.convert("RGB") if im.mode == "P" else im)
 
 
 def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = None,

@@ -367,11 +367,14 @@ def load_profile(name_or_path: str | Path = "setup_a", overrides: Iterable[str] 
     """Read, override and validate a microscope profile."""
     path = resolve_profile_path(name_or_path)
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read profile {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path} is not valid YAML: {exc}") from None
+    if data is None or data == {}:
+        # a file emptied or cut short would otherwise pass for a complete microscope made of defaults
+        raise ConfigError(f"profile {path} is empty: a profile names at least its microscope's backend")
     if not isinstance(data, dict):
         raise ConfigError(f"profile {path} must be a mapping of keys, not {type(data).__name__}")
     data = apply_overrides(data, overrides)

@@ -57,7 +57,7 @@ def test_remote_and_local_estimators_drive_the_same_closed_loop():
 
 def test_through_the_daemon_a_pair_far_beyond_the_models_range_is_taken_again_at_the_far_perturbation():
     # the daemon says which perturbations its model answers, and passes on why it refused a pair
-    from deepfocus.estimator import load_estimator_for
+    from deepfocus.model_files import load_estimator_for
     m = open_microscope("setup_a")
     m.sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
     m.sem.set_wd_m(m.sim.true_wd_m() - 90e-6)
@@ -78,7 +78,7 @@ def test_through_the_daemon_a_pair_far_beyond_the_models_range_is_taken_again_at
 
 def test_through_the_daemon_the_pair_is_the_one_its_model_wants_on_its_microscopes_beam():
     # a daemon started for a 2 mrad microscope: the client takes the pair at +-10 um on 10 nm frames
-    from deepfocus.estimator import load_estimator
+    from deepfocus.model_files import load_estimator
     srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"),
                  estimator=load_estimator(device="cpu", aperture_angle_mrad=2.0))
     srv.start_in_thread()

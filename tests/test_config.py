@@ -50,6 +50,8 @@ def test_profile_by_path_and_unknown_keys_in_files(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("optics: [1, 2", "not valid YAML"),
+    ("", "is empty: a profile names at least its microscope's backend"),        # emptied or cut short
+    ("# setup_c\n", "is empty"),
     ("- 1\n- 2\n", "must be a mapping"),
     ("beam:\n  current_na: -1\n", "beam.current_na must be positive"),
     ("detector:\n  efficiency: 1.5\n", "detector.efficiency must be in (0, 1]"),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from deepfocus.calibration import StigCalibration
-from deepfocus.estimator import DEFAULT_MODEL, MODELS_DIR, DeepFocusEstimator, load_estimator, load_estimator_for
+from deepfocus.estimator import DEFAULT_MODEL, MODELS_DIR, DeepFocusEstimator
+from deepfocus.model_files import load_estimator, load_estimator_for
 from hardware.config import load_profile
 
 
@@ -122,3 +123,56 @@ def test_the_pair_is_taken_further_apart_on_a_narrow_beam_or_coarse_pixels(echo_
     # a model that is not aperture-normalised: its own
     v1 = load_estimator(MODELS_DIR / "spectral_v1.pt", aperture_angle_mrad=2.0)
     assert v1.pair_perturbation_m(20e-9) == pytest.approx(v1.perturbation_m)
+
+
+class Answers(torch.nn.Module):
+    """Answers a fixed row for every patch pair: ``columns`` values, NaN from ``nan_from`` patch pairs on."""
+
+    def __init__(self, columns: int = 4, nan_from: int = 10 ** 6):
+        super().__init__()
+        self.columns = columns
+        self.nan_from = nan_from
+
+    def forward(self, x: torch.Tensor, pixel_size_nm: float) -> torch.Tensor:
+        out = torch.ones(x.shape[0], self.columns)
+        if x.shape[0] >= self.nan_from:
+            out[:, 0] = float("nan")
+        return out
+
+
+def _save(path, module, meta):
+    torch.jit.save(torch.jit.script(module), str(path),
+                   _extra_files={} if meta is None else {"meta.json": meta if isinstance(meta, str) else json.dumps(meta)})
+    return path
+
+
+META = {"arch": "test", "alpha_ref_mrad": 4.0, "patch_px": 128}
+
+
+@pytest.mark.parametrize("module, meta, named", [
+    (Answers(), None, "has no meta.json"),                               # conventions would be guessed
+    (Answers(), "{arch: x", "its meta.json is not valid JSON"),
+    (Answers(), [1, 2], "meta.json holds list"),
+    (Answers(), dict(META, patch_px=-5), "patch_px -5 is not a whole number"),
+    (Answers(), dict(META, perturbation_um=0), "perturbation_um 0 is not a positive number"),
+    (Answers(), dict(META, model_pixel_nm_range=[20, 5]), "model_pixel_nm_range [20, 5] is not"),
+    (Answers(columns=2), META, "answers 8 patch pairs with (8, 2): a DeepFocus model answers (8, 4)"),
+    (Answers(nan_from=1), META, "answers 8 patch pairs with non-finite values"),
+])
+def test_a_model_file_of_another_kind_is_refused_at_load_naming_what_it_lacks(tmp_path, module, meta, named):
+    path = _save(tmp_path / "other.pt", module, meta)
+    with pytest.raises(ValueError, match="other.pt") as err:
+        load_estimator(path, device="cpu")
+    assert named in str(err.value)
+
+
+def test_a_model_answering_nan_for_a_frame_is_uncertain_not_ok(tmp_path):
+    # finite on the warm-up batches (8 and 4 patch pairs), NaN for the 16 patch pairs of a large frame
+    path = _save(tmp_path / "nan16.pt", Answers(nan_from=16), META)
+    est = load_estimator(path, device="cpu")
+    minus, plus = textured_pair(2048)
+    c = est.estimate(minus, plus, 10e-9)
+    assert c.n_patches == 16 and c.status == "uncertain" and "non-finite" in c.extra["reason"]
+    assert np.isinf(c.uncertainty_wd_um)
+    assert est.estimate(*textured_pair(512), 10e-9).status == "ok"
+

@@ -61,6 +61,15 @@ def test_too_uncertain_correction_is_refused(small_scope):
     assert res.outcome == "uncertain" and res.iterations == 1
 
 
+@pytest.mark.parametrize("answer", [corr(5.0, unc=float("nan")), corr(float("nan"))])
+def test_a_non_finite_answer_or_uncertainty_is_refused(small_scope, answer):
+    sem = small_scope.sem
+    wd0 = sem.get_wd_m()
+    res = autofocus(sem, Scripted([answer]), AutofocusSettings(far_perturbation_factor=0))
+    assert res.outcome == "uncertain" and "non-finite correction or uncertainty" in res.message
+    assert sem.get_wd_m() == pytest.approx(wd0, abs=1e-12)
+
+
 def test_a_refusal_names_the_loops_reason_not_a_note_the_answer_carries(small_scope):
     c = corr(25.0, unc=9.0)
     c.extra.update(astig_uncertain=True, reason="patches disagree on astigmatism by 7.1 um: wd only")
@@ -201,7 +210,7 @@ def _truth(scope):
                                                             ("setup_a", -10.0, (-1.0, 2.0))])
 def test_shipped_model_converges_from_a_moderate_aberration(profile, start_um, start_stig):
     from deepfocus.calibration import StigCalibration
-    from deepfocus.estimator import load_estimator
+    from deepfocus.model_files import load_estimator
     scope = open_microscope(profile)
     sem, sim = scope.sem, scope.sim
     sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=100e-9)
@@ -217,7 +226,7 @@ def test_shipped_model_converges_from_a_moderate_aberration(profile, start_um, s
 @pytest.mark.parametrize("start_um", [90.0, -90.0])
 def test_shipped_model_finds_focus_from_three_times_the_range_it_was_trained_for(start_um):
     # trained on +-34 um at +-5 um; at 90 um its patches disagree, and the loop takes the pair again at +-15 um
-    from deepfocus.estimator import load_estimator_for
+    from deepfocus.model_files import load_estimator_for
     scope = open_microscope("setup_a")
     sem, sim = scope.sem, scope.sim
     sem.set_scan(pixel_size_m=10e-9, width_px=1024, height_px=768, dwell_s=50e-9)
@@ -463,6 +472,23 @@ def test_the_autofocus_command_runs_the_profiles_loop_and_names_a_broken_one(cap
     assert out["perturbation_um"] == pytest.approx(10.0)       # a beam half as wide: a pair twice as far apart
     assert main(["autofocus", "--profile", "setup_a", "--set", "autofocus.max_step_stig=30"]) == EXIT_INPUT
     assert "autofocus.max_step_stig = 30 exceeds" in capsys.readouterr().err
+    assert main(["autofocus", "--profile", "setup_a", "--model", "nope.pt"]) == EXIT_INPUT
+    assert "model file 'nope.pt' does not exist" in capsys.readouterr().err
+    assert main(["autofocus", "--profile", "setup_a", "--set", "calibration.stig_matrix=[[0,0],[0,0]]"]) == EXIT_INPUT
+    assert "stigmator calibration must be an invertible 2x2 matrix" in capsys.readouterr().err
+
+
+def test_a_scan_the_estimator_cannot_answer_is_refused_before_any_frame(small_scope):
+    from deepfocus.model_files import load_estimator_for
+    sem = small_scope.sem
+    est = load_estimator_for(small_scope.config)
+    wd0 = sem.get_wd_m()
+    for pixel_m, height, named in ((200e-9, 512, "the model would see 66.7 nm pixels"), (10e-9, 60, "too small"),
+                                   (3e-9, 100, "binned 2 x 2 for this model: too small")):
+        sem.set_scan(pixel_size_m=pixel_m, width_px=512, height_px=height, dwell_s=50e-9)
+        res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
+        assert res.outcome == "failed" and named in res.message
+        assert res.images_taken == 0 and res.dose_e_per_nm2 == 0 and sem.get_wd_m() == wd0
 
 
 class WantsItsOwnPair(Perturbations):

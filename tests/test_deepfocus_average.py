@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepfocus.estimator import load_estimator
+from deepfocus.model_files import load_estimator
 from deepfocus.models import BaselineNet, SpectralNet
 from deepfocus.train import average_weights, export
 

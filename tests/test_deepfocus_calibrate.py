@@ -11,7 +11,7 @@ import pytest
 from deepfocus.autofocus import AutofocusSettings, autofocus
 from deepfocus.calibrate import calibrate
 from deepfocus.cli import main as cli_main
-from deepfocus.estimator import load_estimator_for
+from deepfocus.model_files import load_estimator_for
 from hardware.factory import open_microscope
 from hardware.sim.specimen import Specimen, load_specimen
 

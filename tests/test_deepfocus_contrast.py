@@ -7,7 +7,8 @@ from scipy import ndimage
 
 from deepfocus.autofocus import acquire_pair
 from deepfocus.contrast import contrast_ratio
-from deepfocus.estimator import EstimatorSettings, load_estimator_for
+from deepfocus.estimator import EstimatorSettings
+from deepfocus.model_files import load_estimator_for
 from hardware.factory import open_microscope
 
 

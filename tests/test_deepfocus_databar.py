@@ -6,7 +6,7 @@ import pytest
 
 from deepfocus.autofocus import acquire_pair
 from deepfocus.databar import scanned_region
-from deepfocus.estimator import load_estimator_for
+from deepfocus.model_files import load_estimator_for
 from deepfocus.frame_artefacts import draw_databar
 from hardware.factory import open_microscope
 
@@ -56,10 +56,17 @@ def test_the_answer_with_a_bar_is_the_answer_without(scope_and_pair):
 
 
 def test_the_same_frame_twice_is_uncertain_not_a_move(scope_and_pair):
-    scope, minus, _ = scope_and_pair
-    c = load_estimator_for(scope.config).estimate(minus, minus.copy(), 10e-9)
-    assert c.status == "uncertain" and (c.wd_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0)
-    assert "identical" in c.extra["reason"]
+    scope, minus, plus = scope_and_pair
+    est = load_estimator_for(scope.config)
+    one = minus.copy()
+    one[100, 100] ^= 1
+    brighter = np.clip(minus.astype(np.float64) * 1.01 + 3, 0, 255).astype(minus.dtype)
+    for first, copy in ((minus, minus.copy()), (minus, one), (minus, brighter),
+                        (with_bar(minus, "4.495"), with_bar(minus, "4.505"))):      # told apart by their bars only
+        c = est.estimate(first, copy, 10e-9)
+        assert c.status == "uncertain" and (c.wd_um, c.stig_x, c.stig_y) == (0.0, 0.0, 0.0)
+        assert "copies of one frame" in c.extra["reason"]
+    assert est.estimate(minus, plus, 10e-9).status == "ok"
 
 
 def test_bars_at_every_edge_are_found(scope_and_pair):

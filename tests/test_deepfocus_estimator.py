@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from deepfocus.calibration import StigCalibration
-from deepfocus.estimator import DEFAULT_MODEL, EstimatorSettings, load_estimator, patch_offsets
+from deepfocus.estimator import DEFAULT_MODEL, EstimatorSettings, patch_offsets
+from deepfocus.model_files import load_estimator
 from deepfocus.models import SpectralNet
 from deepfocus.train import export
 
@@ -65,6 +66,18 @@ def test_pixel_size_in_wrong_units_is_rejected(model_file, pair):
         est.estimate(*pair, 10.0)          # nanometres passed as metres
     with pytest.raises(ValueError, match="perturbation"):
         est.estimate(*pair, 10e-9, perturbation_m=5.0)
+    # numpy's numbers are numbers, and the range's end is inside it
+    assert est.estimate(*pair, np.float32(10e-9)).wd_um == pytest.approx(est.estimate(*pair, 10e-9).wd_um, abs=1e-3)
+    est.check_frames(pair[0].shape, 200 * 1e-9, 5e-6)
+
+
+def test_float_frames_in_any_units_are_answered_as_the_same_frames(model_file, pair):
+    """Frames in counts or physical units (values in the millions and beyond) overflowed the float32 spectra."""
+    est = load_estimator(model_file, device="cpu")
+    ref = est.estimate(*pair, 10e-9)
+    for k in (1e12, -1e30):
+        c = est.estimate(*(im.astype(np.float32) * np.float32(k) for im in pair), 10e-9)
+        assert c.status == ref.status and c.wd_um == pytest.approx(ref.wd_um, abs=0.01)
 
 
 @pytest.mark.parametrize("kind", ["constant", "noise"])
@@ -155,8 +168,10 @@ def test_device_is_picked_automatically_and_a_missing_gpu_is_an_error():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA"):
+        with pytest.raises(ValueError, match="'cuda' requested but CUDA is not available here"):
             pick_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'bogus'"):
+        pick_device("bogus")
 
 
 def test_predict_patches_option_sets_how_many_patch_pairs_are_used(tmp_path, pair, model_file):
@@ -248,6 +263,25 @@ def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colo
     tifffile.imwrite(tmp_path / "stack.tif", np.stack([grey, grey]))
     with pytest.raises(ValueError, match="single grey image"):
         read_image(tmp_path / "stack.tif")
+    # a palette image: its grey levels, not the indices into its palette (here in reverse order)
+    from PIL import Image
+    pal = Image.fromarray((255 - grey).astype(np.uint8), mode="P")
+    pal.putpalette([v for i in range(256) for v in (255 - i,) * 3])
+    pal.save(tmp_path / "palette.png")
+    np.testing.assert_array_equal(read_image(tmp_path / "palette.png"), grey)
+
+
+def test_an_image_file_that_cannot_be_read_is_named(tmp_path):
+    from deepfocus.sbemimage import read_image
+    (tmp_path / "empty.npy").write_bytes(b"")
+    import tifffile
+    tifffile.imwrite(tmp_path / "whole.tif", np.zeros((256, 256), np.uint16))
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "whole.tif").read_bytes()[:60000])     # a copy cut short
+    for name in ("empty.npy", "cut.tif"):
+        with pytest.raises(ValueError, match=f"cannot read image file .*{name}"):
+            read_image(tmp_path / name)
+    with pytest.raises(OSError, match="is a directory, not an image file"):
+        read_image(tmp_path)
 
 
 def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys):
@@ -330,7 +364,8 @@ def test_a_pair_passed_the_other_way_round_is_answered_exactly_the_other_way_rou
     # The model alone answers it not quite so (far from focus 0.35 um apart in astigmatism here); averaged over the
     # pair and its swap, the two answers are each other's negative.
     from deepfocus.autofocus import acquire_pair
-    from deepfocus.estimator import EstimatorSettings, load_estimator_for
+    from deepfocus.estimator import EstimatorSettings
+    from deepfocus.model_files import load_estimator_for
     from hardware.factory import open_microscope
     scope = open_microscope("setup_a", ["seed=4"])
     sem, sim = scope.sem, scope.sim

@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from deepfocus.autofocus import acquire_pair
 from deepfocus.bench import BenchConfig, aberrated_scope, true_correction_um
-from deepfocus.estimator import DEFAULT_MODEL, load_estimator_for
+from deepfocus.estimator import DEFAULT_MODEL
+from deepfocus.model_files import load_estimator_for
 from hardware.config import load_profile
 from hardware.errors import ConfigError
 from hardware.sim.specimen import load_specimen

@@ -62,7 +62,7 @@ def test_blank_ground_with_line_offsets_is_not_taken_for_structure():
     # Offsets live in the fx = 0 column of a patch's spectrum alone; their smooth remainder, left after the
     # short-range part is removed, made blank ground pass the structure test (half-blank frames, offsets of 0.1
     # frame s.d.: wd MAE 0.40 instead of 0.16 um, 3 of 16 pairs refused)
-    from deepfocus.estimator import load_estimator
+    from deepfocus.model_files import load_estimator
     est = load_estimator()
     rng = np.random.default_rng(3)
     blank = rng.normal(0.0, 0.05, (2, 256, 256)) + rng.normal(0.0, 0.05, (2, 256, 1))

@@ -93,7 +93,7 @@ def test_patch_score_loss_prefers_the_right_patch():
 
 
 def test_export_carries_metadata(tmp_path):
-    from deepfocus.estimator import read_meta
+    from deepfocus.model_files import read_meta
     path = tmp_path / "m.pt"
     export(SpectralNet(), path, {"arch": "spectral", "perturbation_um": 5.0})
     assert read_meta(path)["perturbation_um"] == 5.0

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from deepfocus.autofocus import acquire_pair
-from deepfocus.estimator import EstimatorSettings, load_estimator
+from deepfocus.estimator import EstimatorSettings
+from deepfocus.model_files import load_estimator
 from deepfocus.frame_artefacts import shift_pair
 from deepfocus.registration import PairShift, common_field, field_correlation, measure_shift
 from hardware.factory import open_microscope

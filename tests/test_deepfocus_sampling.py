@@ -16,7 +16,8 @@ import pytest
 
 from deepfocus.autofocus import AutofocusSettings, acquire_pair, autofocus
 from deepfocus.bench import BenchConfig, aberrated_scope, true_correction_um
-from deepfocus.estimator import EstimatorSettings, load_estimator_for
+from deepfocus.estimator import EstimatorSettings
+from deepfocus.model_files import load_estimator_for
 from hardware.config import load_profile
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import yaml
 from deepfocus import datagen
 from deepfocus.autofocus import acquire_pair
 from deepfocus.cli import main as cli_main
-from deepfocus.estimator import load_estimator, read_meta
+from deepfocus.model_files import load_estimator, read_meta
 from deepfocus.train import TrainConfig, group_loss, train
 from deepfocus.train_images import PairShards
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from deepfocus import datagen
-from deepfocus.estimator import load_estimator
+from deepfocus.model_files import load_estimator
 from deepfocus.train import TrainConfig, average_weights, generate, shard_paths, train
 
 SYNTHETIC = [datagen.SpecimenSpec("synthetic:11")]

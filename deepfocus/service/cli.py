@@ -143,7 +143,7 @@ def daemon_model_loader(profile: str | None, overrides: list[str], patches: int 
     settings = estimator_settings(patches)
 
     def load(path: Path, device: str = "cpu"):
-        from ..estimator import load_estimator, load_estimator_for
+        from ..model_files import load_estimator, load_estimator_for
         if cfg is None:
             return load_estimator(path, device=device, settings=settings)
         return load_estimator_for(cfg, path, device=device, settings=settings)

@@ -42,16 +42,11 @@ def default_model_loader(path: Path, device: str) -> Estimator:
     estimator never needs it.
     """
     try:
-        from .. import estimator as est_mod  # type: ignore[attr-defined]
+        from ..model_files import load_estimator
     except ImportError as exc:
         raise ModelError(f"cannot load {path.name}: the in-process estimator "
-                         f"(deepfocus.estimator) is not importable: {exc}") from exc
-    for name in ("load_estimator", "from_torchscript", "load"):
-        fn = getattr(est_mod, name, None)
-        if callable(fn):
-            return fn(path, device=device)
-    raise ModelError(f"cannot load {path.name}: deepfocus.estimator provides no "
-                     "load_estimator(path, device=...) function")
+                         f"(deepfocus.model_files) is not importable: {exc}") from exc
+    return load_estimator(path, device=device)
 
 
 @dataclass

@@ -4,7 +4,8 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: install install-test demo test bench
 
-# torch is pinned first: an unpinned torch pulls the newest build with several GB of CUDA packages.
+# torch is pinned first, to a version known to work. PyPI's Linux wheels carry CUDA packages: install the
+# CPU build first where there is no NVIDIA GPU (README.md, "Installing").
 install:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==$(TORCH_VERSION)"
 	$(PYTHON) -m pip install -q -e .

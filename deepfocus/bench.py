@@ -157,6 +157,20 @@ def check_scans(cfg: BenchConfig) -> None:
             raise ValueError(f"{r.label}: {exc}") from None
 
 
+def check_methods_answer(cfg: BenchConfig, runs) -> None:
+    """Each method asked once whether it answers pairs of its focus frames: ValueError naming the method before any
+    trial, where every trial would otherwise end "failed" without a frame."""
+    config = load_profile(cfg.profile, cfg.overrides)
+    for r in runs:
+        method = make_method(r.method, config, cfg.model, cfg.n_patches)
+        if hasattr(method, "check_frames"):
+            d = _perturbation_m(cfg) or chosen_perturbation_m(method, r.scan.pixel_size_m)
+            try:
+                method.check_frames((r.scan.height_px, r.scan.width_px), r.scan.pixel_size_m, d)
+            except ValueError as exc:
+                raise ValueError(f"{r.label}: {exc}") from None
+
+
 def make_method(name: str, cfg_micro, model: str | None, n_patches: int | None = None):
     cal = StigCalibration.from_config(cfg_micro)
     if name == "deepfocus":
@@ -207,6 +221,7 @@ def run_bench(cfg: BenchConfig, log=print) -> dict:
     per = {m: {"compute": [], "time": [], "dose": [], "failed": 0, "outcomes": [], "frame_dose": [], "pair": [],
                "far": 0}
            for m in cfg.methods}
+    check_methods_answer(cfg, runs)
     for t in range(cfg.trials):
         spec = specs[t % len(specs)]
         seed = int(rng.integers(1, 2**31))

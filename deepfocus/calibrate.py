@@ -56,6 +56,17 @@ class CalibrationSettings:
     # how far beyond each frame's wd the lens goes before coming back to it: more than twice any play measured
     play_overshoot_um: float = 2.0
 
+    def __post_init__(self):
+        # refused here, before the first frame, not after minutes of measurement
+        need = max(self.min_points, 3)
+        if 2 * len(self.stig_offsets) < need:
+            n = len(self.stig_offsets)
+            raise ValueError(f"{n} stigmator offsets make {2 * n} steps (along x, then y) and the fit needs {need}: "
+                             f"take at least {math.ceil(need / 2)} offsets (--stig-steps takes each size both ways: "
+                             "give two sizes or more)")
+        if len(self.wd_offsets_um) < self.min_points:
+            raise ValueError(f"{len(self.wd_offsets_um)} wd offsets, the fit needs {self.min_points}")
+
 
 @dataclass
 class CalibrationResult:

@@ -74,6 +74,8 @@ def predict_command(args) -> int:
         from .service.cli import predict_remote
         return predict_remote(args)
     try:
+        if args.set and not args.profile:
+            raise ValueError("--set changes a profile's keys: give the profile (--profile NAME|PATH) it changes")
         check_pixel_size_nm(args.pixel_size_nm)
         d = perturbation_m_from_args(args)
         from .sbemimage import read_image
@@ -118,8 +120,12 @@ def _open_scope(args):
     from hardware.sim.specimen import load_specimen
     spec = load_specimen(args.specimen) if args.specimen else None
     scope = open_microscope(args.profile, args.set or [], specimen=spec)
-    scope.sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0],
-                       height_px=args.frame_px[1], dwell_s=args.dwell_ns * 1e-9)
+    try:
+        scope.sem.set_scan(pixel_size_m=args.pixel_size_nm * 1e-9, width_px=args.frame_px[0],
+                           height_px=args.frame_px[1], dwell_s=args.dwell_ns * 1e-9)
+    except ValueError as exc:           # the limit in SI units: name the flags the user typed
+        raise ValueError(f"--pixel-size-nm {args.pixel_size_nm:g}, --dwell-ns {args.dwell_ns:g}, --frame-px "
+                         f"{args.frame_px[0]} {args.frame_px[1]}: {exc}") from None
     return scope
 
 
@@ -181,6 +187,8 @@ def calibrate_command(args) -> int:
     try:
         focus_settings = AutofocusSettings.from_config(scope.config.autofocus, max_iterations=args.iterations,
                                                        perturbation_m=d)
+        cal_settings = CalibrationSettings(perturbation_m=d) if steps is None else \
+            CalibrationSettings(perturbation_m=d, stig_offsets=tuple(sorted(-v for v in steps)) + tuple(sorted(steps)))
     except ValueError as exc:
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -190,10 +198,7 @@ def calibrate_command(args) -> int:
         log(f"focus first: {r.outcome} after {len(r.trace)} corrections")
     try:
         res = calibrate(sem, est, scope.config.calibration.aperture_angle_mrad, scope.config.scan.rotation_deg,
-                        CalibrationSettings(perturbation_m=d) if steps is None else
-                        CalibrationSettings(perturbation_m=d,
-                                            stig_offsets=tuple(sorted(-v for v in steps)) + tuple(sorted(steps))),
-                        log=log)
+                        cal_settings, log=log)
     except ValueError as exc:           # a step beyond the microscope's limits (LimitError is one)
         print(f"deepfocus calibrate: {exc}", file=sys.stderr)
         return EXIT_INPUT
@@ -264,7 +269,11 @@ def bench_command(args) -> int:
             Path(args.json).write_text(json.dumps(res, indent=1))
         print(json.dumps({k: v for k, v in res["fidelity"].items() if k != "pairs"}))
         return EXIT_OK
-    res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
+    try:
+        res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr))
+    except (OSError, ValueError) as exc:     # a specimen file that is missing or unreadable
+        print(f"deepfocus bench: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     if args.json:
         write(res, Path(args.json))
     print(json.dumps(json_safe(res["methods"]), indent=1, default=float))
@@ -328,7 +337,15 @@ def _positive_int(text: str) -> int:
 
 def train_command(args) -> int:
     from .train import TrainConfig, generate, train
-    cfg = TrainConfig.load(args.config)
+    if args.generate_only and args.train_only:
+        print("deepfocus train: --generate-only and --train-only exclude each other (neither: generate, then train)",
+              file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        cfg = TrainConfig.load(args.config)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"deepfocus train: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     if args.threads is not None:
         # the machine's cores, not the recipe: a run resumed with other threads trains the same model
         cfg.threads = args.threads
@@ -343,7 +360,13 @@ def train_command(args) -> int:
 def speed_command(args) -> int:
     from dataclasses import asdict
 
+    from .models import ARCHITECTURES
     from .perf import measure
+    unknown = [a for a in (args.archs.split(",") if args.archs else []) if a not in ARCHITECTURES]
+    if unknown:
+        print(f"deepfocus speed: unknown architecture(s) {', '.join(unknown)}; known: {', '.join(ARCHITECTURES)}",
+              file=sys.stderr)
+        return EXIT_INPUT
     rows = measure(args.archs.split(",") if args.archs else None, tuple(args.threads), args.patches, args.patch_px,
                    args.repeats)
     for r in rows:
@@ -383,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--set", action="append", metavar="K=V", help="profile override, repeatable")
         q.add_argument("--model", default=None)
         q.add_argument("--dwell-ns", type=float, default=200.0)
-        q.add_argument("--iterations", type=int, default=5)
+        q.add_argument("--iterations", type=_positive_int, default=5)
         q.add_argument("--patches", type=int, default=None, metavar="N", help=PATCHES_HELP)
         q.add_argument("--perturbation-um", type=float, default=None, metavar="D",
                        help="take the pairs at wd -/+ D um (default: the one the method wants on this beam and "
@@ -430,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated deepfocus, mapfost, sweep; NAME@25ns:20nm:512x384 takes that method's "
                         "focus frames at its own dwell, pixel size and frame size (any of the three); a method may "
                         "appear at several such operating points")
-    b.add_argument("--trials", type=int, default=10)
+    b.add_argument("--trials", type=_positive_int, default=10)
     b.add_argument("--start-range-um", type=float, default=30.0)
     b.add_argument("--start-range-stig", type=float, default=6.0)
     b.add_argument("--starts", choices=("uniform", "corners"), default="uniform",

@@ -49,6 +49,20 @@ class MapfostEstimator(Estimator):
     def aperture_angle_mrad(self, value: float) -> None:
         self.alpha = float(value) * 1e-3
 
+    def _crop_side(self, shape: tuple[int, int]) -> int:
+        h, w = shape
+        # mapfost registers the two crops and moves the second by the shift it finds; a crop filling the frame
+        # has nowhere to move, and on strongly blurred pairs it then fails (measured on 512 x 512 frames: 5 of
+        # 20 starts beyond +21 um). So the crop leaves a margin, as on a larger frame.
+        side = min(self.crop_px, h - 2 * self.register_margin_px, w - 2 * self.register_margin_px)
+        if side < MAPFOST_MIN_CROP_PX:
+            raise ValueError(f"a {w} x {h} frame is too small for MAPFoSt: it needs a crop of at least "
+                             f"{MAPFOST_MIN_CROP_PX} px and {self.register_margin_px} px around it")
+        return side
+
+    def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
+        self._crop_side(shape)
+
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None) -> Correction:
         t0 = time.perf_counter()
@@ -57,14 +71,7 @@ class MapfostEstimator(Estimator):
             raise ValueError(f"expected two 2-D images of one shape, got {a.shape} and {b.shape}")
         d_um = (perturbation_m or self.perturbation_m) * 1e6
         h, w = a.shape
-        # mapfost registers the two crops and moves the second by the shift it finds; a crop filling the frame
-        # has nowhere to move, and on strongly blurred pairs it then fails (measured on 512 x 512 frames: 5 of
-        # 20 starts beyond +21 um). So the crop leaves a margin, as on a larger frame.
-        side = min(self.crop_px, h - 2 * self.register_margin_px, w - 2 * self.register_margin_px)
-        if side < MAPFOST_MIN_CROP_PX:
-            raise ValueError(f"a {w} x {h} frame is too small for MAPFoSt: it needs a crop of at least "
-                             f"{MAPFOST_MIN_CROP_PX} px and {self.register_margin_px} px around it")
-        cy = cx = side
+        cy = cx = self._crop_side(a.shape)
         ok, _, res = self._est([a, b], [-d_um, d_um], pix_size_um=pixel_size_m * 1e6,
                                num_aperture=self.alpha * self.radial_aperture, stig_rot_deg=0, stig_scale=[1, 1],
                                crop_ref=((w - cx) // 2, (h - cy) // 2), crop_size=(cx, cy),

@@ -62,16 +62,25 @@ def _open(p: Path, device):
     return model, check_meta(meta, repr(str(p)))
 
 
+def model_path(path: str | Path | None) -> Path:
+    """The model file ``path`` names: a path, or the name of a shipped model (``spectral_v5.pt``); None: the
+    shipped default."""
+    p = Path(path) if path is not None else DEFAULT_MODEL
+    if not p.exists() and len(p.parts) == 1 and (MODELS_DIR / p).is_file():
+        return MODELS_DIR / p
+    return p
+
+
 def read_meta(path: str | Path) -> dict:
     """The checked meta.json of a model file."""
-    return _open(Path(path), "cpu")[1]
+    return _open(model_path(path), "cpu")[1]
 
 
 def load_estimator(path: str | Path | None = None, device: str = "auto", calibration: StigCalibration | None = None,
                    settings: EstimatorSettings | None = None, threads: int | None = None,
                    aperture_angle_mrad: float | None = None) -> DeepFocusEstimator:
     """Open a TorchScript model file (default: the shipped model) as an estimator."""
-    p = Path(path) if path is not None else DEFAULT_MODEL
+    p = model_path(path)
     dev = pick_device(device)
     model, meta = _open(p, dev)
     return DeepFocusEstimator(model, meta, calibration, settings, device=str(dev), threads=threads, model_id=p.name,

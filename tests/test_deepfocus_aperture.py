@@ -141,8 +141,8 @@ class Answers(torch.nn.Module):
 
 
 def _save(path, module, meta):
-    torch.jit.save(torch.jit.script(module), str(path),
-                   _extra_files={} if meta is None else {"meta.json": meta if isinstance(meta, str) else json.dumps(meta)})
+    files = {} if meta is None else {"meta.json": meta if isinstance(meta, str) else json.dumps(meta)}
+    torch.jit.save(torch.jit.script(module), str(path), _extra_files=files)
     return path
 
 

@@ -558,3 +558,12 @@ def test_a_pair_chosen_wider_than_the_estimators_own_narrows_to_fit_the_lens_ran
     est = WantsItsOwnPair([corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
     res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
     assert res.outcome == "failed" and "working distance" in res.message and sem.get_wd_m() == wd0
+
+
+def test_mapfost_refuses_frames_too_small_for_its_crop_before_any_frame(small_scope):
+    pytest.importorskip("mapfost")
+    from deepfocus.methods import MapfostEstimator
+    sem = small_scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=200, height_px=200, dwell_s=50e-9)
+    res = autofocus(sem, MapfostEstimator(4e-3), AutofocusSettings(max_iterations=1))
+    assert res.outcome == "failed" and "too small for MAPFoSt" in res.message and res.images_taken == 0

@@ -38,7 +38,8 @@ def register_service_commands(subparsers: Any) -> None:
                    help="where models run (auto: GPU when there is one)")
     s.add_argument("--models", type=Path, metavar="DIR",
                    help="directory of TorchScript model files the 'models' operation can load")
-    s.add_argument("--model", metavar="NAME", help="model file in --models DIR to activate at start")
+    s.add_argument("--model", metavar="NAME",
+                   help="model to activate at start: a file in --models DIR, a shipped model's name, or a file's path")
     s.add_argument("--estimator", metavar="MODULE:CALLABLE",
                    help="an Estimator factory to serve instead of (or besides) model files")
     s.add_argument("--curve-secret-key", type=Path, metavar="FILE",
@@ -168,6 +169,10 @@ def serve_command(args: argparse.Namespace) -> int:
         models_dir, model = args.models, args.model
         if estimator is None and model is None:
             models_dir, model = _shipped_model(models_dir)
+        elif model is not None and models_dir is None:
+            # a model file's path serves from its folder; a bare name is one of the shipped models
+            models_dir, model = (Path(model).parent, Path(model).name) if Path(model).parent != Path(".") \
+                else (_shipped_model(None)[0], model)
         config = ServerConfig(bind=args.bind, device=device, models_dir=models_dir,
                               model=model, curve=curve, queue_size=args.queue_size,
                               limits=Limits(max_side_px=args.max_side_px))

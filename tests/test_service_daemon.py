@@ -267,7 +267,8 @@ def test_an_estimator_fault_is_told_apart_from_bad_input_and_the_daemon_continue
         with pytest.raises(RemoteError, match="estimator_failed.*RuntimeError: CUDA error") as err:
             c.estimate(*image_pair(1.0, shape=(256, 256)), 1e-8)
         assert err.value.code == "estimator_failed"
-        assert c.health()["status"] == "ok"
+        health = c.health()
+        assert health["status"] == "ok" and health["completed"] == health["failed"] == 1
 
 
 def test_the_client_refuses_what_the_daemon_would_misread_or_drop(serve):

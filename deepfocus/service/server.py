@@ -200,7 +200,7 @@ class Server:
                 self._auth.stop()
             if self._own_ctx:
                 self.ctx.term()
-            log.info("stopped", extra={"fields": dict(self.stats)})
+            log.info("stopped", extra={"fields": dict(self.stats, failed=worker.failed)})
 
     def _max_message_bytes(self) -> int:
         # libzmq applies this per frame and disconnects a peer that exceeds it.
@@ -302,6 +302,7 @@ class Server:
             "queue_depth": worker.jobs.qsize() if worker else 0,
             "busy_s": (time.monotonic() - busy_since) if busy_since else 0.0,
             "completed": worker.completed if worker else 0,
+            "failed": worker.failed if worker else 0,       # of those completed: answered with an error
             "dropped_past_deadline": worker.dropped_past_deadline if worker else 0,
             "requests": self.stats["requests"],
             "errors": self.stats["errors"],

@@ -148,6 +148,7 @@ class Worker(threading.Thread):
         self.jobs: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self.busy_since: float | None = None
         self.completed = 0
+        self.failed = 0                 # run and answered with an error (bad input, model or estimator fault)
         self.dropped_past_deadline = 0
         self.ready = threading.Event()
 
@@ -215,10 +216,13 @@ class Worker(threading.Thread):
             else:  # the socket thread only queues the ops above
                 raise P.ProtocolError(f"operation {req.op!r} is not run by the worker", "unknown_op")
         except P.ProtocolError as exc:
+            self.failed += 1
             return P.error_reply(req.id, exc.code, exc.message)
         except ModelError as exc:
+            self.failed += 1
             return P.error_reply(req.id, "model_error", str(exc))
         except Exception as exc:  # an estimator bug must not take the daemon down
+            self.failed += 1
             log.exception("estimator failed", extra={"fields": {"id": req.id, "op": req.op}})
             return P.error_reply(req.id, "estimator_failed", f"{type(exc).__name__}: {exc}")
         finally:

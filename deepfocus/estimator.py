@@ -262,17 +262,28 @@ class DeepFocusEstimator(Estimator):
                 f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
         return m_nm, max(1, math.ceil(WELL_TRAINED_FACTOR * lo / m_nm - 1e-9))
 
+    @property
+    def min_patch_px(self) -> int:
+        # Patches under half the model's are answered short: 1024 px wide strips (FlyEM 520, setup_a, 50 ns) gave
+        # a 15 um step as 9-10 um at 64 of 256 px, 13.3 um at 96 px, in full from 128 px, all with small spreads
+        return max(64, self.settings.patch_px // 2)
+
+    def _patch_px(self, shape: tuple[int, int], nbin: int, pixel_size_m: float) -> int:
+        """The patch size (model pixels) frames of ``shape`` give binned ``nbin`` x ``nbin``; too small: ValueError."""
+        patch = min(self.settings.patch_px, min(shape) // nbin)
+        if patch < self.min_patch_px:
+            raise ValueError(f"frames of {shape[1]} x {shape[0]} px at {pixel_size_m * 1e9:g} nm"
+                             f"{f' (binned {nbin} x {nbin} for this model)' if nbin > 1 else ''} are too small: need "
+                             f"at least {self.min_patch_px * nbin} px per side")
+        return patch
+
     def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
         d = self._check(shape, pixel_size_m, perturbation_m)
-        nbin = self.sampling(pixel_size_m, d)[1] if self.settings.bin_fine_pixels else 1
-        if min(shape) // nbin < 64:
-            raise ValueError(f"frames of {shape[1]} x {shape[0]} px at {pixel_size_m * 1e9:g} nm are binned {nbin} x "
-                             f"{nbin} for this model: too small, need at least {64 * nbin} px per side")
+        self._patch_px(shape, self.sampling(pixel_size_m, d)[1] if self.settings.bin_fine_pixels else 1, pixel_size_m)
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
-        # any real number (numpy's float32 too); the range's ends with a little slack, as 200 nm comes from a
-        # user's nanometres as 2.0000000000000002e-07 m
+        # any real number (numpy's float32 too); the ends with slack (200 nm is 2.0000000000000002e-07 m)
         if not (isinstance(pixel_size_m, numbers.Real) and not isinstance(pixel_size_m, (bool, np.bool_))
                 and math.isfinite(pixel_size_m) and lo * (1 - 1e-9) <= pixel_size_m <= hi * (1 + 1e-9)):
             raise ValueError(f"pixel_size_m must be in metres between {lo:g} and {hi:g} (e.g. 10e-9), "
@@ -284,8 +295,8 @@ class DeepFocusEstimator(Estimator):
                     else f"only pairs at wd -/+ {lo_d * 1e6:g} um (it was trained for them)")
             raise ValueError(f"model {self.model_id} answers {took}, got perturbation {d * 1e6:g} um "
                              "(perturbation_m is in metres)")
-        if min(shape) < 64:
-            raise ValueError(f"images of {shape} px are too small: need at least 64 px per side")
+        if min(shape) < self.min_patch_px:
+            raise ValueError(f"images of {shape} px are too small: need at least {self.min_patch_px} px per side")
         return d
 
     # ------------------------------------------------------------------ estimate
@@ -310,10 +321,7 @@ class DeepFocusEstimator(Estimator):
         model_px_nm, nbin = self.sampling(pixel_size_m, d, aperture_angle_mrad)
         nbin = nbin if s.bin_fine_pixels else 1
         model_px_nm *= nbin
-        patch = min(s.patch_px, min(a.shape) // nbin)
-        if patch < 64:
-            raise ValueError(f"images of {a.shape} px at {pixel_size_m * 1e9:g} nm are binned {nbin} x {nbin} for "
-                             f"this model: too small, need at least {64 * nbin} px per side")
+        patch = self._patch_px(a.shape, nbin, pixel_size_m)
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
         n = patch_count(a.shape, nbin, s.n_patches, s.patches_scale_with_frame, s.max_patches)
@@ -336,8 +344,7 @@ class DeepFocusEstimator(Estimator):
                                    f"(need {need}): constant, blank or noise-only image",
                                    {"prepare": t1 - t0, "total": time.perf_counter() - t0}, int(valid.sum()))
         nc = noise_correlation(x)
-        if nc > MAX_NOISE_CORRELATION:
-            # two scans never share their noise: one frame was passed twice (or re-saved, offset or scaled)
+        if nc > MAX_NOISE_CORRELATION:          # two scans never share their noise: one frame passed twice
             return self._uncertain(f"the two images are copies of one frame (their pixel noise agrees: correlation "
                                    f"{nc:.3f}): pass the frame taken at wd - d and the one at wd + d",
                                    {"total": time.perf_counter() - t0}, int(valid.sum()))

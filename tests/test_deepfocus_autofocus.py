@@ -484,7 +484,7 @@ def test_a_scan_the_estimator_cannot_answer_is_refused_before_any_frame(small_sc
     est = load_estimator_for(small_scope.config)
     wd0 = sem.get_wd_m()
     for pixel_m, height, named in ((200e-9, 512, "the model would see 66.7 nm pixels"), (10e-9, 60, "too small"),
-                                   (3e-9, 100, "binned 2 x 2 for this model: too small")):
+                                   (3e-9, 200, "(binned 2 x 2 for this model) are too small: need at least 256 px")):
         sem.set_scan(pixel_size_m=pixel_m, width_px=512, height_px=height, dwell_s=50e-9)
         res = autofocus(sem, est, AutofocusSettings(max_iterations=1))
         assert res.outcome == "failed" and named in res.message

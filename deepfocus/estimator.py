@@ -89,7 +89,7 @@ def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndar
     hi = float(max(a.max(), b.max()))
     if a.dtype.kind == "f" and max(-lo, hi) > 1e6:
         # frames in counts or physical units: their squares overflow the float32 spectra and sums downstream
-        a, b = (((img - lo) / (hi - lo)).astype(np.float32) for img in (a, b))
+        a, b = (((img - lo) / ((hi - lo) or 1.0)).astype(np.float32) for img in (a, b))
         lo, hi = 0.0, 1.0
     scale = 2.0 / max(hi - lo, 1e-12)
     return a, b, scale, 1.0 + lo * scale

@@ -146,6 +146,8 @@ def test_ping_and_predict_through_the_command_line(tmp_path):
         result = json.loads(out.stdout)
         assert result["wd_um"] == pytest.approx(5.0, abs=1.5)
         assert {"stig_x", "stig_y", "uncertainty_wd_um", "uncertainty_stig"} <= set(result)
+        # the beam the answer assumes, as the local predict prints it (none: this estimator has no beam model)
+        assert "aperture_angle_mrad" in result and result["aperture_angle_mrad"] is None
         bad = run_cli("predict", str(tmp_path / "m.npy"), str(tmp_path / "missing.tif"),
                       "--pixel-size-nm", "10", "--connect", d.address)
         assert bad.returncode == 4 and "missing.tif" in bad.stderr

@@ -245,10 +245,9 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict_remote(args: argparse.Namespace) -> int:
     """``deepfocus predict MINUS PLUS ... --connect ADDR``: ask the daemon for the correction."""
+    from ..cli import check_pixel_size_nm, perturbation_m_from_args
     from ..sbemimage import read_image
     from .protocol import json_safe
-
-    from ..cli import check_pixel_size_nm, perturbation_m_from_args
 
     try:
         # checked here, by flag and unit: 0 or NaN must not reach the daemon as "no perturbation given"
@@ -258,12 +257,19 @@ def predict_remote(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    corr, code = _ask_daemon(args, "predict", lambda client: client.estimate(
-        minus, plus, args.pixel_size_nm * 1e-9, perturbation_m))
+    def ask(client):
+        # hello first: the daemon's own size limits, and the beam its answers assume (printed as the local predict
+        # prints it)
+        hello = client.hello()
+        return client.estimate(minus, plus, args.pixel_size_nm * 1e-9, perturbation_m), hello
+
+    answer, code = _ask_daemon(args, "predict", ask)
     if code is not None:
         return code
+    corr, hello = answer
     if getattr(args, "json", False):
-        print(json.dumps(json_safe(corr.to_dict())))
+        alpha = hello.get("aperture_angle_mrad") or hello.get("alpha_ref_mrad")
+        print(json.dumps(json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha))))
     else:
         print(f"add wd {corr.wd_um:+.3f} um (+- {corr.uncertainty_wd_um:.3f}), "
               f"stig x {corr.stig_x:+.4f}, stig y {corr.stig_y:+.4f} "

@@ -146,6 +146,8 @@ def autofocus_command(args) -> int:
         settings = AutofocusSettings.from_config(scope.config.autofocus, perturbation_m=perturbation_m_from_args(args),
                                                  **changes)
         _estimator_settings(args)
+        if args.method != "deepfocus" and (args.patches is not None or args.model is not None):
+            raise ValueError(f"--patches and --model are DeepFocus's: --method {args.method} takes neither")
         method = _method(args.method, scope, args.model, args.patches)
     except (ValueError, OSError, ImportError) as exc:
         print(f"deepfocus autofocus: {exc}", file=sys.stderr)
@@ -237,6 +239,9 @@ def bench_command(args) -> int:
                           perturbation_um=args.perturbation_um, blank_fraction=args.blank_fraction)
         _estimator_settings(args)
         perturbation_m_from_args(args)
+        for flag, n in (("--fidelity", args.fidelity), ("--probe-shapes", args.probe_shapes)):
+            if 0 < n < 3:
+                raise ValueError(f"{flag} {n}: a slope and offset are fitted, give at least 3 pairs")
         check_scans(cfg)
         if (args.probe_shapes or args.frame_artefacts or args.fidelity) and any("@" in m for m in cfg.methods):
             raise ValueError("a method's own scan (NAME@...) is for closed-loop runs; single pairs take "

@@ -31,6 +31,11 @@ def evaluate_models(models: list[Path], shards_dir: Path, kind: str = "val",
     specimen's groups alone (an index into ``datagen.VAL_SPECIMENS`` or ``TRAIN_SPECIMENS``)."""
     from .models import build
     from .train_images import PairShards, evaluate_pairs
+    from .datagen import TRAIN_SPECIMENS, VAL_SPECIMENS
+    listed = VAL_SPECIMENS if kind == "val" else TRAIN_SPECIMENS
+    if specimen is not None and not 0 <= specimen < len(listed):
+        names = ", ".join(f"{i}: {sp.name}" for i, sp in enumerate(listed))
+        raise ValueError(f"--specimen {specimen} is not one of the {kind} specimens ({names})")
     paths = shard_paths(Path(shards_dir), kind)
     if not paths:
         raise FileNotFoundError(f"no {kind}_*.npz shards in {str(shards_dir)!r}")

@@ -188,7 +188,7 @@ class _Head(nn.Module):
 
 
 @contextlib.contextmanager
-def _quiet_torchscript():
+def quiet_torchscript():
     """Without torch's deprecation notices for TorchScript, this project's model format: they say nothing a user
     can act on, and ``deepfocus`` commands printed one for every model they opened."""
     with warnings.catch_warnings():
@@ -198,7 +198,7 @@ def _quiet_torchscript():
 
 def load_torchscript(path, map_location, extra_files: dict):
     """``torch.jit.load`` without the deprecation notice."""
-    with _quiet_torchscript():
+    with quiet_torchscript():
         return torch.jit.load(str(path), map_location=map_location, _extra_files=extra_files)
 
 
@@ -211,7 +211,7 @@ def cpu_head(model: nn.Module):
     ms on 2 cores, and an estimate 9.7 against 10.1 ms (deepfocus/README.md, "Compute"). Answers agree to 2e-6 um.
     For inference only: the frozen copy no longer follows the model's parameters."""
     try:
-        with _quiet_torchscript():
+        with quiet_torchscript():
             return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(_Head(model)).eval()))
     except (RuntimeError, AttributeError, torch.jit.Error, torch.jit.frontend.FrontendError):
         # a model TorchScript cannot compile or freeze: its head as it is (slower, the same answers)

@@ -19,6 +19,10 @@ from deepfocus.cli import EXIT_INPUT, main
     (["bench", "--pixel-size-nm", "500", "--methods", "deepfocus", "--trials", "1", "--iterations", "1"],
      "deepfocus: pixel_size_m must be in metres between"),
     (["autofocus", "--pixel-size-nm", "0.01"], "--pixel-size-nm 0.01, --dwell-ns 200, --frame-px 1024 768: pixel size"),
+    (["bench", "--fidelity", "2"], "--fidelity 2: a slope and offset are fitted, give at least 3 pairs"),
+    (["autofocus", "--method", "sweep", "--patches", "12"], "--method sweep takes neither"),
+    (["evaluate", "--model", "deepfocus/models/spectral_v7.pt", "--shards", ".", "--specimen", "7"],
+     "--specimen 7 is not one of the val specimens (0: flyem_fib25_8nm_520.ome.tif"),
     # a single step size makes too few stigmator steps for the fit: said at once, not after the measurement
     (["calibrate", "--profile", "setup_a", "--stig-steps", "2"], "2 stigmator offsets make 4 steps"),
 ])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import ARCHITECTURES, quiet_torchscript, build, cpu_head
+from .models import ARCHITECTURES, build, cpu_head, quiet_torchscript
 
 
 @dataclass

@@ -88,6 +88,11 @@ class GenConfig:
     aperture_error_factor: float = 1.0
     # beam half-angles of the drawn microscopes (drawn uniformly: the same draws from the stream for any range)
     aperture_range_mrad: tuple[float, float] = APERTURE_RANGE_MRAD
+    # [low, high]: each microscope images its specimen stretched along x by a factor drawn log-uniform in this
+    # range (any direction, with the drawn scan rotation), for tissue more oriented than the specimens are: an
+    # oriented specimen's spectrum is anisotropic like an astigmatic probe's. None (the default) draws nothing,
+    # which keeps the seeded stream of the runs made before this key.
+    specimen_stretch: tuple[float, float] | None = None
 
 
 def sample_overrides(rng: np.random.Generator, cfg: GenConfig | None = None) -> list[str]:
@@ -251,6 +256,15 @@ def cfg_stig_limit(sem) -> float:
     return float(sem.limits.stig_max)
 
 
+def stretched(specimen: Specimen, factor: float) -> Specimen:
+    """``specimen`` stretched ``factor`` x along x (its pixel size kept): structure elongated along x."""
+    import cv2
+    s = specimen.slices
+    w = max(1, int(round(s.shape[2] * factor)))
+    out = np.stack([cv2.resize(sl, (w, s.shape[1]), interpolation=cv2.INTER_LINEAR) for sl in s])
+    return Specimen(out, specimen.pixel_size_m, specimen.slice_thickness_m, name=f"{specimen.name} x{factor:.2f}")
+
+
 def rendered_blocks(specimens: list[SpecimenSpec], n_groups: int, cfg: GenConfig, rng: np.random.Generator,
                     loaded: dict | None = None):
     """Yield (pairs, targets, effective pixel nm, aperture mrad, specimen index) per microscope until ``n_groups``.
@@ -265,7 +279,12 @@ def rendered_blocks(specimens: list[SpecimenSpec], n_groups: int, cfg: GenConfig
         if spec.name not in loaded or loaded[spec.name][0] != spec.slices:
             loaded[spec.name] = (spec.slices, spec.load())
         k = min(cfg.pairs_per_microscope, n_groups - done)
-        pairs, targets, p_nm, alpha = render_groups(loaded[spec.name][1], sample_overrides(rng, cfg), k, cfg, rng)
+        specimen = loaded[spec.name][1]
+        if cfg.specimen_stretch is not None:
+            factor = math.exp(rng.uniform(*np.log(cfg.specimen_stretch)))
+            # the generated neuropil is drawn, not sampled from an image: it keeps its own shapes
+            specimen = specimen if isinstance(specimen, SyntheticSpecimen) else stretched(specimen, factor)
+        pairs, targets, p_nm, alpha = render_groups(specimen, sample_overrides(rng, cfg), k, cfg, rng)
         yield pairs, targets, effective_pixel_size_nm(p_nm, alpha, cfg.alpha_ref_mrad), alpha, spec_i
         done += k
 

@@ -85,3 +85,26 @@ def test_feature_shards_with_a_wrong_aperture_angle_keep_the_true_one_in_copy_0(
         assert np.array_equal(p["features"][:n], w["features"][:n])
         assert not np.array_equal(p["features"][n:], w["features"][n:])
         assert np.array_equal(p["targets"], w["targets"])
+
+
+
+def test_an_image_specimen_is_stretched_along_x_and_the_generated_neuropil_kept(monkeypatch):
+    from hardware.sim.specimen import Specimen
+    img = np.random.default_rng(0).random((3, 40, 50)).astype(np.float32)
+    s = datagen.stretched(Specimen(img, 8e-9, 8e-9, name="img"), 1.5)
+    assert s.slices.shape == (3, 40, 75) and s.pixel_size_m == 8e-9
+    assert np.allclose(s.slices[:, :, 0], img[:, :, 0], atol=0.05)      # stretched from the left edge, not shifted
+    # in generation each microscope images its specimen stretched: an image specimen widens, generated neuropil
+    # (drawn, not sampled from an image) keeps its shapes
+    seen = {}
+
+    def render(specimen, overrides, k, cfg, rng):
+        seen[specimen.name] = specimen.slices.shape
+        return np.zeros((k, 4, 2, 1, 1), np.float32), np.zeros((k, 3), np.float32), 10.0, 4.0
+    monkeypatch.setattr(datagen, "render_groups", render)
+    cfg = datagen.GenConfig(specimen_stretch=(1.4, 1.4), pairs_per_microscope=1)
+    loaded = {"img": (None, Specimen(img, 8e-9, 8e-9, name="img"))}
+    list(datagen.rendered_blocks([datagen.SpecimenSpec("img")], 1, cfg, np.random.default_rng(0), loaded))
+    list(datagen.rendered_blocks([datagen.SpecimenSpec("synthetic:11")], 1, cfg, np.random.default_rng(0)))
+    assert seen.pop("img x1.40") == (3, 40, 70)
+    assert len(seen) == 1 and "x1.40" not in next(iter(seen))

@@ -119,7 +119,7 @@ def test_a_focus_scan_beyond_the_microscopes_limits_is_refused_before_any_trial(
 
 def test_single_pair_modes_refuse_a_methods_own_scan(capsys):
     from deepfocus.cli import EXIT_INPUT, main
-    assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus@20nm", "--fidelity", "2"]) == EXIT_INPUT
+    assert main(["bench", "--profile", "setup_a", "--methods", "deepfocus@20nm", "--fidelity", "3"]) == EXIT_INPUT
     assert "closed-loop runs" in capsys.readouterr().err
 
 

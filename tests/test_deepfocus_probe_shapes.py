@@ -55,7 +55,7 @@ def test_shipped_model_reads_disc_blurred_real_pairs(em_dir):
 
 
 def test_cli_wants_one_specimen(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "deepfocus.cli", "bench", "--probe-shapes", "2",
+    run = subprocess.run([sys.executable, "-m", "deepfocus.cli", "bench", "--probe-shapes", "3",
                           "--methods", "deepfocus"], capture_output=True, text=True)
     assert run.returncode != 0
     assert "exactly one specimen" in run.stderr

@@ -254,9 +254,9 @@ class DeepFocusClient:
 
 
     def _image(self, a: np.ndarray) -> np.ndarray:
-        """``a`` as the daemon takes it; what it would refuse is refused here, by name (an array above its
-        message size limit is not refused: the daemon's socket drops the connection, and the client would wait
-        out its timeouts and report the daemon unreachable)."""
+        """``a`` as the daemon takes it, else ValueError naming why. Above the daemon's size limits its socket
+        drops the message without a reply, and the client would wait out its timeouts and report the daemon
+        unreachable: such an image is refused here, before sending."""
         a = np.asarray(a)
         if a.ndim != 2:
             raise ValueError(f"images must be 2-D, got shape {a.shape}")

@@ -37,6 +37,7 @@ import numpy as np
 
 from .client import DaemonUnavailable, DeepFocusClient, RemoteError
 from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
+from .image_files import read_image
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 # as hardware.config's (this module does without the hardware package)
@@ -146,48 +147,6 @@ class DeepFocusResult:
 
 class AutofocusAbort(RuntimeError):
     """Ends a run; the message becomes the ERROR message SBEMimage logs."""
-
-
-def read_image(path: str | Path) -> np.ndarray:
-    """A 2-D image from TIFF (tifffile or Pillow), PNG or ``.npy``, in its stored dtype."""
-    path = Path(path)
-    if path.is_dir():
-        raise OSError(f"{path} is a directory, not an image file")
-    if not path.is_file():
-        raise OSError(f"image file {path} does not exist")
-    try:
-        img = _read(path)
-    except (OSError, ValueError, EOFError, SyntaxError) as exc:
-        # the readers' own messages ("corrupted IFD structure", "failed to read 1572864 bytes") name no file
-        raise ValueError(f"cannot read image file {path}: {exc or type(exc).__name__}") from None
-    # a single page saved with a leading axis (1, H, W), as some acquisition tools write it
-    while img.ndim > 2 and img.shape[0] == 1:
-        img = img[0]
-    if img.ndim == 3 and img.shape[-1] in (3, 4):
-        rgb = img[..., :3]
-        if not (rgb == rgb[..., :1]).all():
-            raise ValueError(f"{str(path)!r} is a colour image: give the detector's grey image")
-        img = rgb[..., 0]                   # grey some software saved as RGB(A)
-    if img.ndim != 2:
-        raise ValueError(f"{str(path)!r}: expected a single grey image, got shape {img.shape}")
-    return img
-
-
-def _read(path: Path) -> np.ndarray:
-    if path.suffix.lower() == ".npy":
-        return np.asarray(np.load(path, allow_pickle=False))
-    if path.suffix.lower() in (".tif", ".tiff"):
-        try:
-            import tifffile
-        except ImportError:
-            pass
-        else:
-            return np.asarray(tifffile.imread(path))
-    from PIL import Image
-
-    with Image.open(path) as im:
-        # a palette image's pixels are indices into its palette, not grey levels
-        return np.asarray(im.convert("RGB") if im.mode == "P" else im)
 
 
 def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = None,

@@ -246,7 +246,7 @@ def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colo
     import cv2
     import tifffile
 
-    from deepfocus.sbemimage import read_image
+    from deepfocus.image_files import read_image
     grey = (np.arange(64 * 80).reshape(64, 80) % 251).astype(np.uint8)
     cv2.imwrite(str(tmp_path / "grey.png"), grey)
     cv2.imwrite(str(tmp_path / "rgb.png"), np.dstack([grey] * 3))
@@ -272,7 +272,7 @@ def test_predict_reads_grey_saved_as_rgb_or_with_a_leading_axis_and_refuses_colo
 
 
 def test_an_image_file_that_cannot_be_read_is_named(tmp_path):
-    from deepfocus.sbemimage import read_image
+    from deepfocus.image_files import read_image
     (tmp_path / "empty.npy").write_bytes(b"")
     import tifffile
     tifffile.imwrite(tmp_path / "whole.tif", np.zeros((256, 256), np.uint16))

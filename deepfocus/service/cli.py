@@ -245,8 +245,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict_remote(args: argparse.Namespace) -> int:
     """``deepfocus predict MINUS PLUS ... --connect ADDR``: ask the daemon for the correction."""
-    from ..cli import check_pixel_size_nm, perturbation_m_from_args
-    from ..sbemimage import read_image
+    from ..cli import check_pixel_size_nm, perturbation_m_from_args, recorded_pixel_size_note
+    from ..image_files import read_image
     from .protocol import json_safe
 
     try:
@@ -257,6 +257,9 @@ def predict_remote(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    note = recorded_pixel_size_note(args.minus, args.pixel_size_nm)
+    if note:
+        print(note, file=sys.stderr)
     def ask(client):
         # hello first: the daemon's own size limits, and the beam its answers assume (printed as the local predict
         # prints it)

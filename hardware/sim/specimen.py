@@ -78,7 +78,8 @@ class Specimen:
 
 
 # --------------------------------------------------------------------------- files
-def _ome_pixel_size_m(tif) -> float | None:
+def ome_pixel_size_m(tif) -> float | None:
+    """The pixel size (m) an OME-TIFF records (its PhysicalSizeX), None where it records none."""
     meta = tif.ome_metadata
     if not meta:
         return None
@@ -130,7 +131,7 @@ def load_specimen(path: str | Path, pixel_size_m: float | None = None,
             import tifffile
             with tifffile.TiffFile(p) as tif:
                 data = tif.series[0].asarray()
-                recorded = _ome_pixel_size_m(tif)
+                recorded = ome_pixel_size_m(tif)
         else:
             data = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
             if data is None:

@@ -1,0 +1,59 @@
+"""The pixel size an image file records, as the microscopes' software writes it, against the one predict is given."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+
+from deepfocus.image_files import read_image, recorded_pixel_size_m
+
+FRAME = (np.arange(128 * 160).reshape(128, 160) % 251).astype(np.uint8)
+
+
+def _zeiss(path, pixel_text):
+    # SmartSEM's CZ_SEM tag: a parameter's name in capitals, then "Label = value unit"
+    text = f"0\r\nAP_IMAGE_PIXEL_SIZE\r\nImage Pixel Size = {pixel_text}\r\nAP_WD\r\nWD = 4.5 mm\r\n"
+    tifffile.imwrite(path, FRAME, extratags=[(34118, "s", 0, text, False)])
+
+
+def _fei(path, width_m):
+    text = f"[User]\r\nDate=11/23/2026\r\n[Scan]\r\nPixelWidth={width_m}\r\nPixelHeight={width_m}\r\n"
+    tifffile.imwrite(path, FRAME, extratags=[(34682, "s", 0, text, False)])
+
+
+def test_the_recorded_pixel_size_is_read_from_ome_zeiss_and_fei_tiffs(tmp_path):
+    tifffile.imwrite(tmp_path / "ome.ome.tif", FRAME, ome=True,
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.008, "PhysicalSizeXUnit": "µm"})
+    _zeiss(tmp_path / "zeiss.tif", "5.000 nm")
+    _zeiss(tmp_path / "zeiss_pm.tif", "558.2 pm")
+    _fei(tmp_path / "fei.tif", "1.2e-08")
+    tifffile.imwrite(tmp_path / "plain.tif", FRAME)
+    assert recorded_pixel_size_m(tmp_path / "ome.ome.tif") == (pytest.approx(8e-9), "OME metadata")
+    assert recorded_pixel_size_m(tmp_path / "zeiss.tif") == (pytest.approx(5e-9), "Zeiss SEM metadata")
+    assert recorded_pixel_size_m(tmp_path / "zeiss_pm.tif")[0] == pytest.approx(0.5582e-9)
+    assert recorded_pixel_size_m(tmp_path / "fei.tif") == (pytest.approx(12e-9), "FEI / Thermo Fisher metadata")
+    assert recorded_pixel_size_m(tmp_path / "plain.tif") is None
+    for name in ("ome.ome.tif", "zeiss.tif", "fei.tif"):
+        np.testing.assert_array_equal(read_image(tmp_path / name), FRAME)
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00garbage")
+    assert recorded_pixel_size_m(tmp_path / "broken.tif") is None      # read_image says why it cannot be read
+
+
+def test_predict_warns_when_the_file_records_another_pixel_size(tmp_path, capsys):
+    from deepfocus.autofocus import acquire_pair
+    from deepfocus.cli import main
+    from hardware.factory import open_microscope
+    scope = open_microscope("setup_a")
+    sem = scope.sem
+    sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=512, dwell_s=100e-9)
+    sem.set_wd_m(scope.sim.true_wd_m() - 8e-6)
+    minus, plus = acquire_pair(sem, 5e-6)
+    for name, frame in (("m.tif", minus.image), ("p.tif", plus.image)):
+        text = "AP_IMAGE_PIXEL_SIZE\r\nImage Pixel Size = 10.00 nm\r\n"
+        tifffile.imwrite(tmp_path / name, frame, extratags=[(34118, "s", 0, text, False)])
+    base = ["predict", str(tmp_path / "m.tif"), str(tmp_path / "p.tif"), "--perturbation-um", "5", "--json"]
+    assert main(base + ["--pixel-size-nm", "10"]) == 0
+    assert "records" not in capsys.readouterr().err
+    assert main(base + ["--pixel-size-nm", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "m.tif records 10 nm pixels (Zeiss SEM metadata), --pixel-size-nm gives 5" in err

@@ -284,16 +284,9 @@ def test_an_image_file_that_cannot_be_read_is_named(tmp_path):
         read_image(tmp_path)
 
 
-def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys):
-    from deepfocus.autofocus import acquire_pair
+def test_predict_says_which_aperture_angle_its_answer_assumes(tmp_path, capsys, pair_8um_short):
     from deepfocus.cli import main as cli_main
-    from hardware.factory import open_microscope
-    scope = open_microscope("setup_a")
-    sem = scope.sem
-    sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=512, dwell_s=100e-9)
-    sem.set_wd_m(scope.sim.true_wd_m() - 8e-6)
-    minus, plus = acquire_pair(sem, 5e-6)
-    a, b = _write_pair(tmp_path, (minus.image, plus.image))
+    a, b = _write_pair(tmp_path, pair_8um_short)
     base = ["predict", str(a), str(b), "--pixel-size-nm", "10", "--perturbation-um", "5", "--json"]
     assert cli_main(base) == 0
     cap = capsys.readouterr()

@@ -39,16 +39,9 @@ def test_the_recorded_pixel_size_is_read_from_ome_zeiss_and_fei_tiffs(tmp_path):
     assert recorded_pixel_size_m(tmp_path / "broken.tif") is None      # read_image says why it cannot be read
 
 
-def test_predict_warns_when_the_file_records_another_pixel_size(tmp_path, capsys):
-    from deepfocus.autofocus import acquire_pair
+def test_predict_warns_when_the_file_records_another_pixel_size(tmp_path, capsys, pair_8um_short):
     from deepfocus.cli import main
-    from hardware.factory import open_microscope
-    scope = open_microscope("setup_a")
-    sem = scope.sem
-    sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=512, dwell_s=100e-9)
-    sem.set_wd_m(scope.sim.true_wd_m() - 8e-6)
-    minus, plus = acquire_pair(sem, 5e-6)
-    for name, frame in (("m.tif", minus.image), ("p.tif", plus.image)):
+    for name, frame in zip(("m.tif", "p.tif"), pair_8um_short):
         text = "AP_IMAGE_PIXEL_SIZE\r\nImage Pixel Size = 10.00 nm\r\n"
         tifffile.imwrite(tmp_path / name, frame, extratags=[(34118, "s", 0, text, False)])
     base = ["predict", str(tmp_path / "m.tif"), str(tmp_path / "p.tif"), "--perturbation-um", "5", "--json"]

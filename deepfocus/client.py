@@ -246,6 +246,16 @@ class DeepFocusClient:
         return self.request("score", {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)},
                             [self._image(image)], **kw).result
 
+    def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None = None,
+                     **kw: Any) -> None:
+        """Asks the daemon whether its active model answers pairs of frames of ``shape`` (rows, columns) at
+        ``pixel_size_m``: ``RemoteError`` (``bad_request``, naming why) where it does not."""
+        params: dict[str, Any] = {"shape": [int(shape[0]), int(shape[1])],
+                                  "pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)}
+        if perturbation_m is not None:
+            params["perturbation_m"] = _positive_m("perturbation_m", perturbation_m)
+        self.request("check", params, **kw)
+
     def models(self, action: str = "list", name: str | None = None, **kw: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"action": action}
         if name is not None:
@@ -336,6 +346,16 @@ class RemoteEstimator(Estimator):
                  perturbation_m: float | None = None) -> Correction:
         return self.client.estimate(minus, plus, pixel_size_m, perturbation_m,
                                     options=self.options or None)
+
+    def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
+        """The daemon's model asked before the loop's first pair (``Estimator.check_frames``); a daemon that
+        predates the question is taken to answer every scan, as before."""
+        if "check" not in (self._described().get("capabilities") or ()):
+            return
+        try:
+            self.client.check_frames(shape, pixel_size_m, perturbation_m)
+        except RemoteError as exc:          # a scan it cannot answer, or no model active: the loop refuses
+            raise ValueError(str(exc)) from None
 
     def score(self, image: np.ndarray, pixel_size_m: float) -> dict[str, Any]:
         return self.client.score(image, pixel_size_m)

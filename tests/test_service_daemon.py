@@ -75,6 +75,40 @@ def test_the_loop_learns_the_daemons_perturbation_range_and_refuses_outside_it(s
     assert scope.sim.frames_taken == frames0 and est.calls == 0
 
 
+class _WantsLargeFrames(PowerRatioEstimator):
+    """Answers frames of at least 256 px a side, and says so when asked before."""
+
+    def check_frames(self, shape, pixel_size_m, perturbation_m):
+        if min(shape) < 256:
+            raise ValueError(f"frames of {shape[1]} x {shape[0]} px are too small: need at least 256 px per side")
+
+
+def test_through_the_daemon_a_scan_its_model_cannot_answer_is_refused_before_the_first_pair(serve, scope):
+    from deepfocus.autofocus import AutofocusSettings, autofocus
+    est = _WantsLargeFrames()
+    srv = serve(est)
+    remote = RemoteEstimator(srv.address, timeout_s=5)
+    try:
+        assert "check" in remote._described()["capabilities"]
+        with DeepFocusClient(srv.address, timeout_s=5, retries=0) as c:
+            c.check_frames((256, 512), 10e-9)                                    # answered: nothing raised
+            with pytest.raises(RemoteError, match="bad_request.*512 x 128 px are too small") as err:
+                c.check_frames((128, 512), 10e-9, 5e-6)
+            assert err.value.code == "bad_request"
+            with pytest.raises(RemoteError, match="'shape' must be \\[rows, columns\\]"):
+                c.request("check", {"shape": [128], "pixel_size_m": 1e-8})
+        scope.sem.set_scan(pixel_size_m=10e-9, width_px=512, height_px=128, dwell_s=50e-9)
+        frames0 = scope.sim.frames_taken
+        res = autofocus(scope.sem, remote, AutofocusSettings(max_iterations=2))
+        assert res.outcome == "failed" and "512 x 128 px are too small" in res.message
+        assert scope.sim.frames_taken == frames0 and res.dose_e_per_nm2 == 0 and est.calls == 0
+        # a scan it answers runs as before
+        scope.sem.set_scan(pixel_size_m=10e-9, width_px=256, height_px=256, dwell_s=50e-9)
+        assert autofocus(scope.sem, remote, AutofocusSettings(max_iterations=1)).images_taken == 2
+    finally:
+        remote.close()
+
+
 def test_the_client_learns_whether_the_daemons_stigmator_answers_share_the_wd_scale(serve):
     # the loop divides the stigmator steps by its learned wd gain only for estimators that say so (DeepFocus)
     est = PowerRatioEstimator()

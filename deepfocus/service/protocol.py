@@ -44,7 +44,7 @@ ALLOWED_DTYPES: dict[str, np.dtype] = {
     "float64": np.dtype("<f8"),
 }
 
-OPS = ("hello", "health", "estimate", "score", "models")
+OPS = ("hello", "health", "estimate", "score", "models", "check")
 
 
 class ProtocolError(ValueError):

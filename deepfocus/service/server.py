@@ -2,7 +2,9 @@
 
 The socket thread parses and validates every message, answers ``hello`` and
 ``health`` itself (so they are answered while a long estimate runs), and queues
-``estimate``, ``score`` and ``models`` for the worker. Every message that cannot
+``estimate``, ``score``, ``models`` and ``check`` (whether the active model
+answers frames of a shape and pixel size, asked before a loop's first pair)
+for the worker. Every message that cannot
 be served gets an error reply naming the problem; nothing a client sends can
 stop the daemon.
 """

@@ -213,6 +213,8 @@ class Worker(threading.Thread):
                 result = self._score(req)
             elif req.op == "models":
                 result = self._models(req)
+            elif req.op == "check":
+                result = self._check(req)
             else:  # the socket thread only queues the ops above
                 raise P.ProtocolError(f"operation {req.op!r} is not run by the worker", "unknown_op")
         except P.ProtocolError as exc:
@@ -270,6 +272,24 @@ class Worker(threading.Thread):
         result["model_id"] = result.get("model_id") or name
         result.setdefault("timings_s", {})["estimate"] = t1 - t0
         return result
+
+    def _check(self, req: P.Request) -> dict[str, Any]:
+        """Whether the active model answers pairs of frames of ``shape`` [rows, columns] at ``pixel_size_m``
+        taken at -/+ ``perturbation_m`` (its own pair when not given): asked before any frame is taken."""
+        shape = req.params.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise P.ProtocolError(f"'shape' must be [rows, columns] in pixels, got {str(shape)[:64]}")
+        pixel_size_m = _positive(req.params, "pixel_size_m", 1e-11, 1e-4, required=True)
+        perturbation_m = _positive(req.params, "perturbation_m", 1e-9, 1e-3, required=False)
+        _, est = self._active()
+        check = getattr(est, "check_frames", None)
+        if callable(check):
+            try:
+                check(tuple(shape), pixel_size_m, perturbation_m or est.perturbation_m)
+            except ValueError as exc:
+                raise P.ProtocolError(str(exc), "bad_request") from exc
+        return {"answers": True}
 
     def _score(self, req: P.Request) -> dict[str, Any]:
         if len(req.arrays) != 1:

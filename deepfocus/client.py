@@ -230,10 +230,7 @@ class DeepFocusClient:
     def estimate(self, minus: np.ndarray, plus: np.ndarray, pixel_size_m: float,
                  perturbation_m: float | None = None, options: dict[str, Any] | None = None,
                  **kw: Any) -> Correction:
-        # checked here: a NaN would travel as JSON null, which the daemon reads as "not given"
-        params: dict[str, Any] = {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)}
-        if perturbation_m is not None:
-            params["perturbation_m"] = _positive_m("perturbation_m", perturbation_m)
+        params = _scan_params(pixel_size_m, perturbation_m)
         if options:
             params["options"] = options
         resp = self.request("estimate", params, [self._image(minus), self._image(plus)], **kw)
@@ -243,18 +240,14 @@ class DeepFocusClient:
         return corr
 
     def score(self, image: np.ndarray, pixel_size_m: float, **kw: Any) -> dict[str, Any]:
-        return self.request("score", {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)},
-                            [self._image(image)], **kw).result
+        return self.request("score", _scan_params(pixel_size_m), [self._image(image)], **kw).result
 
     def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None = None,
                      **kw: Any) -> None:
         """Asks the daemon whether its active model answers pairs of frames of ``shape`` (rows, columns) at
         ``pixel_size_m``: ``RemoteError`` (``bad_request``, naming why) where it does not."""
-        params: dict[str, Any] = {"shape": [int(shape[0]), int(shape[1])],
-                                  "pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)}
-        if perturbation_m is not None:
-            params["perturbation_m"] = _positive_m("perturbation_m", perturbation_m)
-        self.request("check", params, **kw)
+        self.request("check", dict(_scan_params(pixel_size_m, perturbation_m), shape=[int(shape[0]), int(shape[1])]),
+                     **kw)
 
     def models(self, action: str = "list", name: str | None = None, **kw: Any) -> dict[str, Any]:
         params: dict[str, Any] = {"action": action}
@@ -279,6 +272,15 @@ class DeepFocusClient:
                              f"than the daemon at {self.address} takes (at most {lim.max_side_px} px a side and "
                              f"{lim.max_array_bytes / 1e6:.3g} MB): send a smaller frame or fewer bytes per pixel")
         return a
+
+
+def _scan_params(pixel_size_m: float, perturbation_m: float | None = None) -> dict[str, Any]:
+    """The request's pixel size and pair, checked here: a NaN would travel as JSON null, which the daemon reads as
+    "not given"."""
+    params: dict[str, Any] = {"pixel_size_m": _positive_m("pixel_size_m", pixel_size_m)}
+    if perturbation_m is not None:
+        params["perturbation_m"] = _positive_m("perturbation_m", perturbation_m)
+    return params
 
 
 def _positive_m(name: str, value: float) -> float:

@@ -217,16 +217,9 @@ class Worker(threading.Thread):
                 result = self._check(req)
             else:  # the socket thread only queues the ops above
                 raise P.ProtocolError(f"operation {req.op!r} is not run by the worker", "unknown_op")
-        except P.ProtocolError as exc:
-            self.failed += 1
-            return P.error_reply(req.id, exc.code, exc.message)
-        except ModelError as exc:
-            self.failed += 1
-            return P.error_reply(req.id, "model_error", str(exc))
         except Exception as exc:  # an estimator bug must not take the daemon down
             self.failed += 1
-            log.exception("estimator failed", extra={"fields": {"id": req.id, "op": req.op}})
-            return P.error_reply(req.id, "estimator_failed", f"{type(exc).__name__}: {exc}")
+            return P.error_reply(req.id, *_error(exc, req))
         finally:
             self.completed += 1
         done = time.monotonic()
@@ -261,12 +254,7 @@ class Worker(threading.Thread):
         name, est = self._active()
         kwargs = _accepted_options(est.estimate, options)
         t0 = time.perf_counter()
-        try:
-            corr = est.estimate(minus, plus, pixel_size_m, perturbation_m, **kwargs)
-        except ValueError as exc:
-            # estimators raise ValueError for input they cannot answer (frames too small, a perturbation the
-            # model was not trained for): the request's fault, not the estimator's
-            raise P.ProtocolError(str(exc), "bad_request") from exc
+        corr = est.estimate(minus, plus, pixel_size_m, perturbation_m, **kwargs)
         t1 = time.perf_counter()
         result = corr.to_dict()
         result["model_id"] = result.get("model_id") or name
@@ -285,10 +273,7 @@ class Worker(threading.Thread):
         _, est = self._active()
         check = getattr(est, "check_frames", None)
         if callable(check):
-            try:
-                check(tuple(shape), pixel_size_m, perturbation_m or est.perturbation_m)
-            except ValueError as exc:
-                raise P.ProtocolError(str(exc), "bad_request") from exc
+            check(tuple(shape), pixel_size_m, perturbation_m or est.perturbation_m)
         return {"answers": True}
 
     def _score(self, req: P.Request) -> dict[str, Any]:
@@ -331,6 +316,20 @@ class Worker(threading.Thread):
         return self.registry.describe()
 
 
+def _error(exc: Exception, req: P.Request) -> tuple[str, str]:
+    """(code, message) of the error reply for what a job raised."""
+    if isinstance(exc, P.ProtocolError):
+        return exc.code, exc.message
+    if isinstance(exc, ModelError):
+        return "model_error", str(exc)
+    if isinstance(exc, ValueError):
+        # estimators raise ValueError for input they cannot answer (frames too small, a perturbation the model was
+        # not trained for): the request's fault, not the estimator's
+        return "bad_request", str(exc)
+    log.exception("estimator failed", extra={"fields": {"id": req.id, "op": req.op}})
+    return "estimator_failed", f"{type(exc).__name__}: {exc}"
+
+
 def _positive(params: dict[str, Any], key: str, lo: float, hi: float, required: bool
               ) -> float | None:
     v = params.get(key)
@@ -351,9 +350,9 @@ def _accepted_options(fn: Callable[..., Any], options: dict[str, Any]) -> dict[s
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return dict(options)
-    unknown = sorted(k for k in options if k not in params
-                     or k in ("minus", "plus", "pixel_size_m", "perturbation_m"))
+    fixed = ("minus", "plus", "pixel_size_m", "perturbation_m")      # the request's own fields, not options
+    unknown = sorted(k for k in options if k not in params or k in fixed)
     if unknown:
         raise P.ProtocolError(f"the active estimator does not accept option(s) {unknown}; "
-                              f"it accepts {sorted(k for k in params if k not in ('minus', 'plus', 'pixel_size_m', 'perturbation_m'))}")
+                              f"it accepts {sorted(k for k in params if k not in fixed)}")
     return dict(options)

@@ -14,7 +14,11 @@ The SEM object needs SBEMimage's SEM methods::
     set_stig_xy(target_x, target_y)
     apply_frame_settings(frame_size_selector, pixel_size, dwell_time)   # nm, us
     acquire_frame(save_path_filename, extra_delay=0) -> bool
+    STORE_RES                         # optional: [(width, height), ...] per frame size selector
 
+With ``STORE_RES`` the daemon is asked before the first frame whether its model
+answers frames of that size at this pixel size; a scan it cannot answer ends the
+run before any dose is spent.
 ``run_deepfocus_af(sem, settings)`` runs the loop and returns a ``DeepFocusResult``;
 ``DeepFocusAutofocus.run()`` returns SBEMimage's message string, containing
 ``ERROR`` on failure, which its acquisition loop already checks. A correction
@@ -169,6 +173,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         planner = _planner(hello, st)
         d = _pair_perturbation(hello, st)
         far_d = _far_perturbation(hello, d, st)
+        _check_scan(client, hello, sem, st, d)
         pair_d, far_taken = d, False
         sem.apply_frame_settings(st.frame_size_selector, st.pixel_size_nm, st.dwell_time_us)
         wd, stig = start_wd, start_stig
@@ -292,6 +297,35 @@ def _hello(client: DeepFocusClient) -> dict[str, Any]:
         raise AutofocusAbort(str(exc)) from exc
     except RemoteError:
         return {}                   # a daemon that does not describe its answers: none learned from stigmators
+
+
+def _frame_shape(sem: SBEMimageSEM, selector: int) -> tuple[int, int] | None:
+    """(rows, columns) of the frames ``selector`` gives, from SBEMimage's ``STORE_RES`` list of (width, height);
+    None where the SEM object has no such list or the selector is not in it."""
+    store = getattr(sem, "STORE_RES", None)
+    try:
+        width, height = store[selector]          # type: ignore[index]
+        return int(height), int(width)
+    except (TypeError, IndexError, KeyError, ValueError):
+        return None
+
+
+def _check_scan(client: DeepFocusClient, hello: dict[str, Any], sem: SBEMimageSEM, st: DeepFocusSettings,
+                d: float) -> None:
+    """Asks the daemon, before any frame is taken, whether its model answers this scan (frame size, pixel size,
+    pair): a scan it cannot answer would otherwise cost a pair of frames of dose before the daemon refused it.
+    Skipped where the frame size is not known or the daemon predates the question."""
+    shape = _frame_shape(sem, st.frame_size_selector)
+    if shape is None or "check" not in (hello.get("capabilities") or ()):
+        return
+    try:
+        client.check_frames(shape, st.pixel_size_nm * 1e-9, d)
+    except DaemonUnavailable as exc:
+        raise AutofocusAbort(str(exc)) from exc
+    except RemoteError as exc:
+        raise AutofocusAbort(f"the daemon's model cannot answer {shape[1]} x {shape[0]} px frames at "
+                             f"{st.pixel_size_nm:g} nm with a pair at -/+ {d * 1e6:g} um ({exc}); no frame was "
+                             "taken.") from exc
 
 
 def _pair_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float:

@@ -33,6 +33,8 @@ class FakeSBEMimageSEM:
         self.true_wd, self.true_stig = true_wd, true_stig
         self.wd, self.stig = true_wd, tuple(true_stig)
         self.spec = specimen(shape, seed=21)
+        # SBEMimage's store resolutions, (width, height) per frame size selector; selector 1 gives these frames
+        self.STORE_RES = [(shape[1] // 2, shape[0] // 2), (shape[1], shape[0])]
         self.frame_settings: list[tuple] = []
         self.wd_log: list[float] = []
         self.fail_acquisition = False
@@ -391,3 +393,49 @@ def test_the_lens_play_given_is_compensated_and_a_step_up_comes_down_onto_its_ta
 def test_a_lens_play_beyond_reason_is_refused_by_name():
     with pytest.raises(ValueError, match="deepfocus_lens_play_um"):
         DeepFocusSettings(lens_play_um=-0.2)
+
+
+class PickyEstimator(PowerRatioEstimator):
+    """Answers frames of at least a patch a side at pixels up to 40 nm, as a model with a pixel range does."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.asked: list[tuple] = []
+
+    def check_frames(self, shape, pixel_size_m, perturbation_m=None) -> None:
+        self.asked.append((tuple(shape), pixel_size_m, perturbation_m))
+        if min(shape) < self.patch_px:
+            raise ValueError(f"images of {tuple(shape)} px are too small: need at least {self.patch_px} px per side")
+        if pixel_size_m > 40e-9:
+            raise ValueError(f"pixel size {pixel_size_m * 1e9:g} nm is beyond this model's range (up to 40 nm)")
+
+
+@pytest.mark.parametrize("change, reason", [({"pixel_size_nm": 60.0}, "beyond this model's range"),
+                                            ({"frame_size_selector": 0}, "too small")])
+def test_a_scan_the_daemons_model_cannot_answer_is_refused_before_any_frame(change, reason):
+    est = PickyEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=256)
+    with serving(est) as address:
+        sem = FakeSBEMimageSEM()
+        start = sem.wd = sem.true_wd + 4e-6
+        res = run_deepfocus_af(sem, settings_for(address, **change))
+    assert not res.ok and "ERROR" in res.message and reason in res.message and "no frame was taken" in res.message
+    assert sem.frames == 0 and sem.frame_settings == [] and est.calls == 0
+    assert sem.wd == start and sem.stig == sem.true_stig
+    # the daemon was asked about the frames the selector gives, (rows, columns), at the pair the run would take
+    rows_cols = (192, 256) if change.get("frame_size_selector") == 0 else (384, 512)
+    assert est.asked == [(rows_cols, pytest.approx(change.get("pixel_size_nm", 10.0) * 1e-9), pytest.approx(5e-6))]
+
+
+def test_a_scan_the_daemons_model_answers_is_asked_once_and_run_and_without_store_resolutions_not_asked():
+    est = PickyEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+    with serving(est) as address:
+        sem = FakeSBEMimageSEM()
+        sem.wd = sem.true_wd + 4e-6
+        assert run_deepfocus_af(sem, settings_for(address)).ok
+        assert len(est.asked) == 1 and sem.frames >= 2
+        # an SEM object without SBEMimage's STORE_RES list: the frame size is unknown, the daemon answers the pair
+        sem = FakeSBEMimageSEM()
+        del sem.STORE_RES
+        sem.wd = sem.true_wd + 4e-6
+        assert run_deepfocus_af(sem, settings_for(address)).ok
+        assert len(est.asked) == 1 and sem.frames >= 2

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 
+from .registration import bin_mean
+
 
 def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "grid",
                   seed: int = 0) -> list[tuple[int, int]]:
@@ -21,6 +23,29 @@ def patch_offsets(shape: tuple[int, int], patch: int, n: int, layout: str = "gri
     ys = np.linspace(0, h - patch, rows).round().astype(int) if rows > 1 else [(h - patch) // 2]
     xs = np.linspace(0, w - patch, cols).round().astype(int) if cols > 1 else [(w - patch) // 2]
     return [(int(y), int(x)) for y in ys for x in xs][:n]
+
+
+class PatchFrames:
+    """A pair's frames as patch pairs are cut from them: binned ``nbin`` x ``nbin`` once, where the model reads
+    coarser pixels than the frames have, rather than patch by patch (the grid's patches overlap: 8 patches of 512
+    px hold 2.7 x the pixels of a 1024 x 768 frame; binned once, an estimate took 1 ms less on 2 cores). Offsets
+    stay in the frames' own pixels, ``shape`` is the frames' own."""
+
+    def __init__(self, minus: np.ndarray, plus: np.ndarray, nbin: int):
+        self.shape = minus.shape
+        self.nbin = nbin
+        self.frames = (minus, plus) if nbin == 1 else (bin_mean(minus, nbin), bin_mean(plus, nbin))
+
+    def cut(self, offsets: list[tuple[int, int]], patch: int) -> np.ndarray:
+        """(N, 2, patch, patch) float32: the pairs at ``offsets`` (frame pixels, rounded down to whole bins)."""
+        a, b = self.frames
+        pairs = np.empty((len(offsets), 2, patch, patch), np.float32)
+        for i, (y, x) in enumerate(offsets):
+            y, x = y // self.nbin, x // self.nbin
+            # converted while copied: of the unbinned frames only the patches are ever converted
+            pairs[i, 0] = a[y:y + patch, x:x + patch]
+            pairs[i, 1] = b[y:y + patch, x:x + patch]
+        return pairs
 
 
 def count_tiles(shape: tuple[int, int], patch: int) -> int:

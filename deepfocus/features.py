@@ -171,3 +171,33 @@ def structure_ratio(patch: torch.Tensor, without_line_column: torch.Tensor | Non
         lo = lo - (power[:, :, 0] * low[:, 0]).sum(dim=1) * without_line_column.to(lo.dtype)
     hi = (power * high).sum(dim=(1, 2))
     return lo / hi.clamp(min=1e-20)
+
+
+def with_level_anisotropy(feats: torch.Tensor, max_log_amplitude: float, share: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """(G, N, 3, n_r, n_theta) maps of G groups (one field each) with an oriented specimen's anisotropy added to
+    the level channel of a ``share`` of the groups: log power + a cos 2 (theta - phi), ``a`` drawn within
+    0..``max_log_amplitude`` (natural log) and ``phi`` uniformly, one draw per group. Training augmentation.
+
+    An oriented specimen multiplies both frames' power by the same factor at each frequency: the ratio keeps
+    nothing of it (at high dose: measured in models/README.md, "Oriented tissue"), the level all of it, which far
+    from focus passes for astigmatism. Added to the cached maps, the anisotropy costs no rendering and can be drawn
+    anew every time a group is used. It is tapered away over the rings where the level is within one natural log
+    of its lowest (the noise floor, which the specimen does not shape)."""
+    g, n, _, n_r, n_t = feats.shape
+    out = feats.clone()
+    pick = torch.rand(g, generator=generator) < share
+    if not bool(pick.any()):
+        return out
+    k = int(pick.sum())
+    amp = torch.rand(k, generator=generator) * max_log_amplitude
+    phi = torch.rand(k, generator=generator) * math.pi
+    theta = (torch.arange(n_t, dtype=feats.dtype) + 0.5) / n_t * math.pi
+    pattern = amp[:, None] * torch.cos(2.0 * (theta[None, :] - phi[:, None]))          # (k, n_t)
+    level, mask = out[pick, :, 1], out[pick, :, 2]                                      # (k, n, n_r, n_t)
+    # the map holds 0.25 x the level in natural log, relative to its masked mean
+    ring = (level * mask).sum(-1) / mask.sum(-1).clamp(min=1.0) / 0.25                  # (k, n, n_r)
+    floor = torch.where(mask.sum(-1) > 0, ring, torch.full_like(ring, float("inf"))).min(dim=-1, keepdim=True).values
+    taper = (ring - floor).clamp(0.0, 1.0)
+    out[pick, :, 1] = level + 0.25 * taper[..., None] * pattern[:, None, None, :] * mask
+    return out

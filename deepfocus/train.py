@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from . import datagen
+from .features import with_level_anisotropy
 from .models import ARCHITECTURES, SpectralNet, load_torchscript
 
 SCORE_LOSS_MIX = 0.75     # thesis: (1 - 0.25) L1(consensus) + 0.25 L1(individual patches)
@@ -65,6 +66,11 @@ class TrainConfig:
     exclude_specimens: list[int] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     gen: dict = field(default_factory=dict)
+    # spectral runs only: an oriented specimen's anisotropy added to the level channel of this share of the
+    # training groups, up to this amplitude in natural log power, drawn anew at every use
+    # (``features.with_level_anisotropy``); 0: none
+    level_anisotropy: float = 0.0
+    level_anisotropy_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
@@ -412,6 +418,8 @@ def train(cfg: TrainConfig, log=print, max_seconds: float | None = None) -> dict
         for _ in range(200):
             idx = torch.from_numpy(rng.integers(0, tf.shape[0], cfg.batch_groups))
             x, y = tf[idx], tt[idx]
+            if cfg.level_anisotropy > 0:
+                x = with_level_anisotropy(x, cfg.level_anisotropy, cfg.level_anisotropy_share)
             g, n = x.shape[:2]
             pred = model.head(x.reshape(g * n, *x.shape[2:])).reshape(g, n, 4)
             loss = group_loss(pred, y, cfg.relative_loss_scale_um)

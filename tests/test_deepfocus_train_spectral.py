@@ -175,3 +175,42 @@ def test_a_run_can_train_on_anothers_shards_leaving_specimens_out(run, tmp_path)
     assert res["n_groups"] == counts["val"] // 2
     with pytest.raises(ValueError, match="no groups left"):
         _load_shards(shard_paths(shared, "val"), only=7)
+
+
+def test_level_anisotropy_adds_one_oriented_term_per_chosen_group_to_the_level_alone():
+    import math
+
+    import torch
+
+    from deepfocus.features import SpectralFrontEnd, with_level_anisotropy
+    torch.manual_seed(3)
+    # real maps: 2 groups of 4 patch pairs of a smooth field and its blur, through the front end
+    x = torch.nn.functional.avg_pool2d(torch.randn(8, 2, 256, 256), 5, 1, 2)
+    x[:, 1] = torch.nn.functional.avg_pool2d(x[:, 1:2], 3, 1, 1)[:, 0]
+    with torch.no_grad():
+        feats = SpectralFrontEnd()(x, 10.0).reshape(2, 4, 3, 20, 12)
+    assert torch.equal(with_level_anisotropy(feats, 0.6, 0.0), feats)
+    out = with_level_anisotropy(feats, 0.6, 1.0)
+    assert torch.equal(out[:, :, 0], feats[:, :, 0]) and torch.equal(out[:, :, 2], feats[:, :, 2])
+    added = (out[:, :, 1] - feats[:, :, 1]) / 0.25              # natural log power
+    assert added.abs().max() <= 0.6 + 1e-6 and added.abs().max() > 0
+    assert torch.all(added[feats[:, :, 2] == 0] == 0)            # bins outside the map stay empty
+    theta = (torch.arange(12) + 0.5) / 12 * math.pi
+    for g in range(2):
+        rows = added[g].reshape(-1, 12)
+        full = (feats[g, :, 2].reshape(-1, 12) > 0).all(dim=1)
+        rows = rows[full & (rows.abs().sum(dim=1) > 1e-4)]
+        # every whole ring of every patch of the group: a cos 2 (theta - phi) of one phi
+        phase = torch.angle((rows * torch.exp(2j * theta)).sum(dim=1))
+        assert torch.allclose(phase, phase[0].expand_as(phase), atol=1e-3)
+        assert torch.all(rows.sum(dim=1).abs() < 1e-4)            # nothing added to the rings' mean
+
+
+def test_a_run_trains_with_level_anisotropy(run, tmp_path):
+    run_dir, _ = run
+    cfg = TrainConfig(run_dir=str(tmp_path / "aniso"), data_dir=str(run_dir / "data"), seed=5, threads=1,
+                      train_shards=2, val_shards=1, groups_per_shard=4, steps=100, batch_groups=4,
+                      validate_every=100, min_train_shards=2, checkpoint_every_s=1e9, gen={"alpha_ref_mrad": 4.0},
+                      level_anisotropy=0.6, level_anisotropy_share=1.0)
+    train(cfg, log=lambda s: None)
+    assert load_estimator(tmp_path / "aniso" / "best.pt", device="cpu").alpha_ref_mrad == 4.0

@@ -75,6 +75,13 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch {self.arch!r} is not a known network; known: {', '.join(ARCHITECTURES)}")
+        if not (math.isfinite(self.level_anisotropy) and self.level_anisotropy >= 0
+                and 0 <= self.level_anisotropy_share <= 1):
+            raise ValueError(f"level_anisotropy must be 0 or more (natural log power) and level_anisotropy_share "
+                             f"within 0-1, got {self.level_anisotropy!r} and {self.level_anisotropy_share!r}")
+        if self.level_anisotropy > 0 and self.arch != "spectral":
+            raise ValueError(f"level_anisotropy augments the spectral model's cached maps; arch {self.arch!r} "
+                             "reads raw patch pairs")
 
     @property
     def data(self) -> Path:

@@ -214,3 +214,11 @@ def test_a_run_trains_with_level_anisotropy(run, tmp_path):
                       level_anisotropy=0.6, level_anisotropy_share=1.0)
     train(cfg, log=lambda s: None)
     assert load_estimator(tmp_path / "aniso" / "best.pt", device="cpu").alpha_ref_mrad == 4.0
+
+
+@pytest.mark.parametrize("kw, says", [({"level_anisotropy": -0.1}, "level_anisotropy must be 0 or more"),
+                                      ({"level_anisotropy_share": 1.5}, "within 0-1"),
+                                      ({"arch": "baseline", "level_anisotropy": 0.5}, "reads raw patch pairs")])
+def test_a_recipe_with_a_level_anisotropy_beyond_reason_is_refused_by_name(kw, says):
+    with pytest.raises(ValueError, match=says):
+        TrainConfig(**kw)

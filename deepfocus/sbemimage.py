@@ -15,10 +15,12 @@ The SEM object needs SBEMimage's SEM methods::
     apply_frame_settings(frame_size_selector, pixel_size, dwell_time)   # nm, us
     acquire_frame(save_path_filename, extra_delay=0) -> bool
     STORE_RES                         # optional: [(width, height), ...] per frame size selector
+    DWELL_TIME                        # optional: the dwell times (us) the SEM offers
 
 With ``STORE_RES`` the daemon is asked before the first frame whether its model
 answers frames of that size at this pixel size; a scan it cannot answer ends the
-run before any dose is spent.
+run before any dose is spent. A setter that returns False (the SEM did not take
+the setting) ends the run at once.
 ``run_deepfocus_af(sem, settings)`` runs the loop and returns a ``DeepFocusResult``;
 ``DeepFocusAutofocus.run()`` returns SBEMimage's message string, containing
 ``ERROR`` on failure, which its acquisition loop already checks. A correction
@@ -39,13 +41,41 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .client import DaemonUnavailable, DeepFocusClient, RemoteError
+from .client import CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError
 from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
 from .image_files import read_image
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 # as hardware.config's (this module does without the hardware package)
 MAX_LENS_PLAY_UM = 5.0
+# max_wd_stig_diff's wd limit above this is taken for a value in other units than metres
+MAX_WD_DIFF_M = 1e-3
+# the SEM read back this far from the start after a failed run: not restored
+WD_READBACK_M = 0.1e-6
+STIG_READBACK = 0.01
+
+
+def _three_numbers(raw: str) -> tuple[float, float, float]:
+    """SBEMimage's ``max_wd_stig_diff``: a JSON list, or three comma-separated numbers."""
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError:
+        values = [v for v in raw.strip("()[] ").split(",")]
+    values = [float(v) for v in (values if isinstance(values, list) else [values])]
+    if len(values) != 3:
+        raise ValueError(f"three values [wd in metres, stig x, stig y] are needed, got {len(values)}")
+    return values[0], values[1], values[2]
+
+
+# optional [autofocus] keys: (key, settings field, conversion)
+CONFIG_KEYS_READ: tuple = tuple(
+    (f"deepfocus_{name}", name, conv) for name, conv in (
+        ("address", str), ("timeout_s", float), ("retries", int), ("frame_size_selector", int),
+        ("pixel_size_nm", float), ("dwell_time_us", float), ("perturbation_um", float), ("max_iterations", int),
+        ("wd_tolerance_um", float), ("stig_tolerance", float), ("far_perturbation_factor", float),
+        ("lens_play_um", float), ("curve_server_public_key", str), ("curve_client_secret_key", str)))
+CONFIG_KEYS = frozenset(key for key, _, _ in CONFIG_KEYS_READ)
+READS_AS = {float: "a number", int: "a whole number", _three_numbers: "three numbers [wd in metres, stig x, stig y]"}
 
 
 class SBEMimageSEM(Protocol):
@@ -64,7 +94,9 @@ class DeepFocusSettings:
     address: str = "tcp://127.0.0.1:5555"
     timeout_s: float = 30.0
     retries: int = 1
-    frame_size_selector: int = 1         # the microscope's 1024 x 768 store resolution
+    # SBEMimage's store-resolution index of the focus frames; None: the SEM's index of 1024 x 768 (STORE_RES; 0 on
+    # SBEMimage's ZEISS presets, 13 on its TESCAN ones), 0 where the SEM object has no STORE_RES
+    frame_size_selector: int | None = None
     pixel_size_nm: float = 10.0
     dwell_time_us: float = 0.2
     # None: the pair the daemon's model wants on its microscope's beam at this pixel size (5 um at 10 nm on a
@@ -86,38 +118,83 @@ class DeepFocusSettings:
     # autofocus.lens_play_um): each wd step then ends coming down, offset by it; 0: not compensated
     lens_play_um: float = 0.0
     frame_suffix: str = ".tif"
+    # CURVE key files for a daemon on another machine (docs/sbemimage.md, "Remote daemon"): the daemon's public
+    # .key file and this client's .key_secret file; both or neither
+    curve_server_public_key: str | None = None
+    curve_client_secret_key: str | None = None
     workdir: str | None = None           # None: a temporary directory, removed afterwards
     options: dict[str, Any] = field(default_factory=dict)  # passed to the daemon's estimator
 
     @classmethod
     def from_sbemimage_config(cls, cfg: Any, section: str = "autofocus", **overrides: Any
                               ) -> "DeepFocusSettings":
-        """Read the keys SBEMimage already has plus optional ``deepfocus_*`` keys."""
+        """Read the keys SBEMimage already has plus optional ``deepfocus_*`` keys; a key left empty is unset. A
+        value that does not read, or a ``deepfocus_*`` key this version does not know (a typo would otherwise be
+        ignored), is refused by name."""
         s = cfg[section]
+        unknown = sorted(k for k in s if k.startswith("deepfocus_") and k not in CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"[{section}] has unknown DeepFocus key(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(sorted(CONFIG_KEYS))}")
 
-        def get(key: str, default: Any) -> Any:
-            return s[key] if key in s else default
+        def read(key: str, conv: Any) -> Any:
+            raw = str(s[key]).strip() if key in s else ""
+            if not raw:
+                return None
+            try:
+                return conv(raw)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"[{section}] {key} = {raw!r} is not {READS_AS.get(conv, conv.__name__)} ({exc})") \
+                    from None
 
         kw: dict[str, Any] = {}
-        if "max_wd_stig_diff" in s:
-            kw["max_wd_stig_diff"] = tuple(float(v) for v in json.loads(s["max_wd_stig_diff"]))
-        if "pixel_size" in s:
-            kw["pixel_size_nm"] = float(s["pixel_size"])
-        kw["address"] = get("deepfocus_address", cls.address)
-        for key, conv in (("timeout_s", float), ("retries", int), ("frame_size_selector", int),
-                          ("dwell_time_us", float), ("perturbation_um", float),
-                          ("max_iterations", int), ("wd_tolerance_um", float),
-                          ("stig_tolerance", float), ("far_perturbation_factor", float),
-                          ("lens_play_um", float)):
-            if f"deepfocus_{key}" in s:
-                kw[key] = conv(s[f"deepfocus_{key}"])
+        for key, field_name, conv in (("max_wd_stig_diff", "max_wd_stig_diff", _three_numbers),
+                                      ("pixel_size", "pixel_size_nm", float)) + CONFIG_KEYS_READ:
+            value = read(key, conv)
+            if value is not None:
+                kw[field_name] = value
         kw.update(overrides)
         return cls(**kw)
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.lens_play_um) and 0 <= self.lens_play_um <= MAX_LENS_PLAY_UM):
-            raise ValueError(f"deepfocus_lens_play_um must be between 0 (not compensated) and {MAX_LENS_PLAY_UM:g} "
-                             f"um, got {self.lens_play_um!r}")
+        # named by their SBEMimage config keys, with the unit each is in: a value in another unit is the
+        # likely slip (nm for um, um for m), and some would run on, at 1000 x the dose or without a limit
+        def need(ok: bool, key: str, what: str, value: Any) -> None:
+            if not ok:
+                raise ValueError(f"{key} must be {what}, got {value!r}")
+
+        def finite(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(isinstance(self.address, str) and self.address.split("://")[0] in ("tcp", "ipc", "inproc"),
+             "deepfocus_address", "a ZeroMQ address such as tcp://127.0.0.1:5555", self.address)
+        need(self.frame_size_selector is None or (isinstance(self.frame_size_selector, int)
+                                                 and self.frame_size_selector >= 0),
+             "deepfocus_frame_size_selector", "an index into the SEM's store resolutions (0 or more)",
+             self.frame_size_selector)
+        need(finite(self.pixel_size_nm) and 0.1 <= self.pixel_size_nm <= 1000,
+             "pixel_size (or deepfocus_pixel_size_nm)", "the focus frames' pixel size in nanometres (0.1-1000)",
+             self.pixel_size_nm)
+        need(finite(self.dwell_time_us) and 0.01 <= self.dwell_time_us <= 100, "deepfocus_dwell_time_us",
+             "the focus frames' dwell time in microseconds (0.01-100; 0.2 is 200 ns)", self.dwell_time_us)
+        need(isinstance(self.max_iterations, int) and self.max_iterations >= 1, "deepfocus_max_iterations",
+             "1 or more", self.max_iterations)
+        lim = tuple(self.max_wd_stig_diff)
+        need(len(lim) == 3 and all(finite(v) and v > 0 for v in lim) and lim[0] <= MAX_WD_DIFF_M,
+             "max_wd_stig_diff", f"three positive limits [wd in metres (at most {MAX_WD_DIFF_M:g}: 10 um is "
+             "1e-05), stig x, stig y]", self.max_wd_stig_diff)
+        need(finite(self.lens_play_um) and 0 <= self.lens_play_um <= MAX_LENS_PLAY_UM, "deepfocus_lens_play_um",
+             f"between 0 (not compensated) and {MAX_LENS_PLAY_UM:g} um", self.lens_play_um)
+        need((self.curve_server_public_key is None) == (self.curve_client_secret_key is None),
+             "deepfocus_curve_server_public_key and deepfocus_curve_client_secret_key",
+             "given both or neither", (self.curve_server_public_key, self.curve_client_secret_key))
+
+    def client(self) -> DeepFocusClient:
+        """A client for the daemon these settings name (with CURVE keys where given)."""
+        curve = None
+        if self.curve_server_public_key:
+            curve = CurveClientKeys(Path(self.curve_server_public_key), Path(self.curve_client_secret_key or ""))
+        return DeepFocusClient(self.address, self.timeout_s, self.retries, curve=curve)
 
 
 @dataclass
@@ -158,7 +235,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
     """Focus and stigmate with DeepFocus through the daemon; never leaves an unchecked jump."""
     st = settings or DeepFocusSettings()
     own_client = client is None
-    client = client or DeepFocusClient(st.address, st.timeout_s, st.retries)
+    client = client or st.client()
     t_start = time.monotonic()
     start_wd = float(sem.get_wd())
     start_stig = tuple(float(v) for v in sem.get_stig_xy())
@@ -173,9 +250,17 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         planner = _planner(hello, st)
         d = _pair_perturbation(hello, st)
         far_d = _far_perturbation(hello, d, st)
-        _check_scan(client, hello, sem, st, d)
+        selector = _frame_selector(sem, st)
+        dwells = getattr(sem, "DWELL_TIME", None)
+        if isinstance(dwells, (list, tuple)) and dwells and \
+                not any(abs(float(v) - st.dwell_time_us) < 1e-9 for v in dwells):
+            raise AutofocusAbort(f"deepfocus_dwell_time_us {st.dwell_time_us:g} is not one of this SEM's dwell times "
+                                 f"({', '.join(f'{float(v):g}' for v in dwells)} us)")
+        _check_scan(client, hello, _frame_shape(sem, selector), st, d)
         pair_d, far_taken = d, False
-        sem.apply_frame_settings(st.frame_size_selector, st.pixel_size_nm, st.dwell_time_us)
+        _sem_call(sem.apply_frame_settings, f"the frame settings (deepfocus_frame_size_selector {selector}, "
+                  f"pixel size {st.pixel_size_nm:g} nm, dwell {st.dwell_time_us:g} us)",
+                  selector, st.pixel_size_nm, st.dwell_time_us)
         wd, stig = start_wd, start_stig
         for it in range(1, st.max_iterations + 1):
             far = pair_d != d
@@ -224,7 +309,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
             new_wd, new_stig = wd + step.wd_m, (stig[0] + step.stig[0], stig[1] + step.stig[1])
             _check_within_limits(new_wd, new_stig, start_wd, start_stig, st, it)
             _set_wd_coming_down(sem, wd, new_wd, start_wd, st)
-            sem.set_stig_xy(*new_stig)
+            _sem_call(sem.set_stig_xy, f"stig ({new_stig[0]:.3f}, {new_stig[1]:.3f})", *new_stig)
             time.sleep(st.settle_s)
             result.iterations.append(DeepFocusIteration(wd, stig, corr.to_dict(), True))
             wd, stig = new_wd, new_stig  # type: ignore[assignment]
@@ -243,11 +328,11 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
             f"{result.wd_m * 1e3:.5f} mm, stig ({start_stig[0]:.3f}, {start_stig[1]:.3f}) -> "
             f"({result.stig_xy[0]:.3f}, {result.stig_xy[1]:.3f}).")
     except Exception as exc:
-        _restore(sem, start_wd, start_stig)
+        restored = _restore(sem, start_wd, start_stig)
         reason = str(exc) if isinstance(exc, AutofocusAbort) else f"{type(exc).__name__}: {exc}"
         result.ok = False
         result.wd_m, result.stig_xy = start_wd, start_stig  # type: ignore[assignment]
-        result.message = f"CTRL: ERROR during DeepFocus AF: {reason} Previous wd/stig restored."
+        result.message = f"CTRL: ERROR during DeepFocus AF: {reason.rstrip('. ')}. {restored}"
     finally:
         if own_client:
             client.close()
@@ -262,7 +347,7 @@ def _acquire_pair(sem: SBEMimageSEM, wd: float, d: float, st: DeepFocusSettings,
     images = []
     try:
         for sign, tag in ((-1, "minus"), (+1, "plus")):
-            sem.set_wd(wd + sign * d)
+            _sem_call(sem.set_wd, f"wd {(wd + sign * d) * 1e3:.5f} mm", wd + sign * d)
             time.sleep(st.settle_s)
             path = workdir / f"deepfocus_{it:02d}_{tag}{st.frame_suffix}"
             ok = sem.acquire_frame(str(path))
@@ -273,7 +358,7 @@ def _acquire_pair(sem: SBEMimageSEM, wd: float, d: float, st: DeepFocusSettings,
                                      f"failed ({detail}).")
             images.append(read_image(path))
     finally:
-        sem.set_wd(wd)
+        _sem_call(sem.set_wd, f"wd {wd * 1e3:.5f} mm", wd)
     if images[0].shape != images[1].shape:
         raise AutofocusAbort(f"the two frames differ in size: {images[0].shape} vs "
                              f"{images[1].shape}.")
@@ -286,8 +371,8 @@ def _set_wd_coming_down(sem: SBEMimageSEM, wd: float, new_wd: float, start_wd: f
     the start than ``max_wd_stig_diff``."""
     over = overshoot_m(st.lens_play_um * 1e-6, wd, new_wd, start_wd + st.max_wd_stig_diff[0] - new_wd)
     if over > 0:
-        sem.set_wd(new_wd + over)
-    sem.set_wd(new_wd)
+        _sem_call(sem.set_wd, f"wd {(new_wd + over) * 1e3:.5f} mm", new_wd + over)
+    _sem_call(sem.set_wd, f"wd {new_wd * 1e3:.5f} mm", new_wd)
 
 
 def _hello(client: DeepFocusClient) -> dict[str, Any]:
@@ -297,6 +382,25 @@ def _hello(client: DeepFocusClient) -> dict[str, Any]:
         raise AutofocusAbort(str(exc)) from exc
     except RemoteError:
         return {}                   # a daemon that does not describe its answers: none learned from stigmators
+
+
+def _sem_call(method: Any, what: str, *args: Any) -> None:
+    """An SBEMimage SEM setter; SBEMimage's SEM classes report a refused setting by returning False."""
+    if method(*args) is False:
+        raise AutofocusAbort(f"the SEM refused {what}")
+
+
+def _frame_selector(sem: SBEMimageSEM, st: DeepFocusSettings) -> int:
+    """The store-resolution index of the focus frames: the settings', else the SEM's index of 1024 x 768."""
+    store = getattr(sem, "STORE_RES", None)
+    known = [tuple(int(v) for v in r) for r in store] if isinstance(store, (list, tuple)) else None
+    selector = st.frame_size_selector
+    if selector is None:
+        return known.index((1024, 768)) if known and (1024, 768) in known else 0
+    if known is not None and selector >= len(known):
+        raise AutofocusAbort(f"deepfocus_frame_size_selector {selector} is not one of this SEM's store "
+                             f"resolutions (0-{len(known) - 1}: {', '.join(f'{w} x {h}' for w, h in known)})")
+    return selector
 
 
 def _frame_shape(sem: SBEMimageSEM, selector: int) -> tuple[int, int] | None:
@@ -310,14 +414,19 @@ def _frame_shape(sem: SBEMimageSEM, selector: int) -> tuple[int, int] | None:
         return None
 
 
-def _check_scan(client: DeepFocusClient, hello: dict[str, Any], sem: SBEMimageSEM, st: DeepFocusSettings,
-                d: float) -> None:
+def _check_scan(client: DeepFocusClient, hello: dict[str, Any], shape: tuple[int, int] | None,
+                st: DeepFocusSettings, d: float) -> None:
     """Asks the daemon, before any frame is taken, whether its model answers this scan (frame size, pixel size,
-    pair): a scan it cannot answer would otherwise cost a pair of frames of dose before the daemon refused it.
-    Skipped where the frame size is not known or the daemon predates the question."""
-    shape = _frame_shape(sem, st.frame_size_selector)
+    pair) and whether it takes frames of this size at all: a scan it cannot answer would otherwise cost a pair of
+    frames of dose before the daemon refused it. Skipped where the frame size is not known or the daemon
+    predates the question."""
     if shape is None or "check" not in (hello.get("capabilities") or ()):
         return
+    lim = client.limits
+    if max(shape) > lim.max_side_px or shape[0] * shape[1] > lim.max_array_bytes:
+        raise AutofocusAbort(f"the daemon takes frames of at most {lim.max_side_px} px a side and "
+                             f"{lim.max_array_bytes} bytes, not {shape[1]} x {shape[0]} px: choose a smaller "
+                             "deepfocus_frame_size_selector; no frame was taken")
     try:
         client.check_frames(shape, st.pixel_size_nm * 1e-9, d)
     except DaemonUnavailable as exc:
@@ -325,7 +434,7 @@ def _check_scan(client: DeepFocusClient, hello: dict[str, Any], sem: SBEMimageSE
     except RemoteError as exc:
         raise AutofocusAbort(f"the daemon's model cannot answer {shape[1]} x {shape[0]} px frames at "
                              f"{st.pixel_size_nm:g} nm with a pair at -/+ {d * 1e6:g} um ({exc}); no frame was "
-                             "taken.") from exc
+                             "taken") from exc
 
 
 def _pair_perturbation(hello: dict[str, Any], st: DeepFocusSettings) -> float:
@@ -365,9 +474,10 @@ def _masked_correction(corr: Any, mode: Sequence[bool]) -> tuple[float, float, f
         raise AutofocusAbort(f"the estimate is not finite (wd {corr.wd_um} um, stig "
                              f"{corr.stig_x}, {corr.stig_y}).")
     if getattr(corr, "status", "ok") not in ("ok", ""):
-        raise AutofocusAbort(f"the estimate is marked '{corr.status}' (uncertainty wd "
-                             f"{corr.uncertainty_wd_um:.2f} um, stig {corr.uncertainty_stig:.3f}); "
-                             "not applied.")
+        spread = (f"uncertainty wd {corr.uncertainty_wd_um:.2f} um, stig {corr.uncertainty_stig:.3f}"
+                  if math.isfinite(corr.uncertainty_wd_um) and math.isfinite(corr.uncertainty_stig) else "")
+        why = "; ".join(v for v in (str((corr.extra or {}).get("reason", "")), spread) if v)
+        raise AutofocusAbort(f"the estimate is marked '{corr.status}'{f' ({why})' if why else ''}; not applied.")
     return tuple(v if on else 0.0 for v, on in zip(values, mode))  # type: ignore[return-value]
 
 
@@ -383,12 +493,26 @@ def _check_within_limits(new_wd: float, new_stig: tuple[float, float], start_wd:
             f"({max_wd * 1e6:.2f} um, {max_sx:.3f}, {max_sy:.3f}); not applied.")
 
 
-def _restore(sem: SBEMimageSEM, wd: float, stig: tuple[float, float]) -> None:
+def _restore(sem: SBEMimageSEM, wd: float, stig: tuple[float, float]) -> str:
+    """Sets the start back and reads it back; what to tell SBEMimage's log about it."""
+    problems = []
+    for what, call in (("wd", lambda: sem.set_wd(wd)), ("stig", lambda: sem.set_stig_xy(*stig))):
+        try:
+            if call() is False:
+                problems.append(f"the SEM refused to set {what} back")
+        except Exception as exc:            # the run's own error is reported beside this one
+            problems.append(f"setting {what} back failed ({type(exc).__name__}: {exc})")
     try:
-        sem.set_wd(wd)
-        sem.set_stig_xy(*stig)
-    except Exception:
-        pass  # the error message already reports the failure that got us here
+        now_wd, now_stig = float(sem.get_wd()), tuple(float(v) for v in sem.get_stig_xy())
+    except Exception as exc:
+        return (f"Previous wd/stig NOT restored: reading them back failed ({type(exc).__name__}: {exc}). Check the "
+                "microscope before going on.")
+    if abs(now_wd - wd) <= WD_READBACK_M and max(abs(now_stig[0] - stig[0]), abs(now_stig[1] - stig[1])) <= \
+            STIG_READBACK:
+        return "Previous wd/stig restored."          # read back at the start, whatever a setter answered
+    problems.append(f"the SEM reads wd {now_wd * 1e3:.5f} mm, stig ({now_stig[0]:.3f}, {now_stig[1]:.3f}) against "
+                    f"the start's {wd * 1e3:.5f} mm, ({stig[0]:.3f}, {stig[1]:.3f})")
+    return f"Previous wd/stig NOT restored: {'; '.join(problems)}. Check the microscope before going on."
 
 
 class DeepFocusAutofocus:
@@ -401,12 +525,13 @@ class DeepFocusAutofocus:
     def __init__(self, sem: SBEMimageSEM, settings: DeepFocusSettings | None = None):
         self.sem = sem
         self.settings = settings or DeepFocusSettings()
-        self.client = DeepFocusClient(self.settings.address, self.settings.timeout_s,
-                                      self.settings.retries)
+        self.client = self.settings.client()
         self.last_result: DeepFocusResult | None = None
 
     def run(self, autofocus: bool = True, autostig: bool = True) -> str:
         st = self.settings
+        if not (autofocus or autostig):
+            return "CTRL: DeepFocus AF not run: neither focus nor stigmation asked for."
         mode = (autofocus, autostig, autostig)
         if mode != tuple(st.aberr_mode):
             st = DeepFocusSettings(**{**st.__dict__, "aberr_mode": mode})

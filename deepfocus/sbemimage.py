@@ -250,13 +250,8 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         planner = _planner(hello, st)
         d = _pair_perturbation(hello, st)
         far_d = _far_perturbation(hello, d, st)
-        selector = _frame_selector(sem, st)
-        dwells = getattr(sem, "DWELL_TIME", None)
-        if isinstance(dwells, (list, tuple)) and dwells and \
-                not any(abs(float(v) - st.dwell_time_us) < 1e-9 for v in dwells):
-            raise AutofocusAbort(f"deepfocus_dwell_time_us {st.dwell_time_us:g} is not one of this SEM's dwell times "
-                                 f"({', '.join(f'{float(v):g}' for v in dwells)} us)")
-        _check_scan(client, hello, _frame_shape(sem, selector), st, d)
+        selector, shape = _focus_frames(sem, st)
+        _check_scan(client, hello, shape, st, d)
         pair_d, far_taken = d, False
         _sem_call(sem.apply_frame_settings, f"the frame settings (deepfocus_frame_size_selector {selector}, "
                   f"pixel size {st.pixel_size_nm:g} nm, dwell {st.dwell_time_us:g} us)",
@@ -390,28 +385,25 @@ def _sem_call(method: Any, what: str, *args: Any) -> None:
         raise AutofocusAbort(f"the SEM refused {what}")
 
 
-def _frame_selector(sem: SBEMimageSEM, st: DeepFocusSettings) -> int:
-    """The store-resolution index of the focus frames: the settings', else the SEM's index of 1024 x 768."""
+def _focus_frames(sem: SBEMimageSEM, st: DeepFocusSettings) -> tuple[int, tuple[int, int] | None]:
+    """The store-resolution index of the focus frames (the settings', else the SEM's index of 1024 x 768) and
+    their (rows, columns) where the SEM lists its store resolutions (SBEMimage's ``STORE_RES``, (width, height)
+    each); the selector and the dwell time checked against the SEM's lists where it has them."""
     store = getattr(sem, "STORE_RES", None)
-    known = [tuple(int(v) for v in r) for r in store] if isinstance(store, (list, tuple)) else None
+    known = [(int(r[0]), int(r[1])) for r in store] if isinstance(store, (list, tuple)) else None
     selector = st.frame_size_selector
     if selector is None:
-        return known.index((1024, 768)) if known and (1024, 768) in known else 0
-    if known is not None and selector >= len(known):
+        selector = known.index((1024, 768)) if known and (1024, 768) in known else 0
+    elif known is not None and selector >= len(known):
         raise AutofocusAbort(f"deepfocus_frame_size_selector {selector} is not one of this SEM's store "
                              f"resolutions (0-{len(known) - 1}: {', '.join(f'{w} x {h}' for w, h in known)})")
-    return selector
-
-
-def _frame_shape(sem: SBEMimageSEM, selector: int) -> tuple[int, int] | None:
-    """(rows, columns) of the frames ``selector`` gives, from SBEMimage's ``STORE_RES`` list of (width, height);
-    None where the SEM object has no such list or the selector is not in it."""
-    store = getattr(sem, "STORE_RES", None)
-    try:
-        width, height = store[selector]          # type: ignore[index]
-        return int(height), int(width)
-    except (TypeError, IndexError, KeyError, ValueError):
-        return None
+    dwells = getattr(sem, "DWELL_TIME", None)
+    if isinstance(dwells, (list, tuple)) and dwells and \
+            not any(abs(float(v) - st.dwell_time_us) < 1e-9 for v in dwells):
+        raise AutofocusAbort(f"deepfocus_dwell_time_us {st.dwell_time_us:g} is not one of this SEM's dwell times "
+                             f"({', '.join(f'{float(v):g}' for v in dwells)} us)")
+    shape = (known[selector][1], known[selector][0]) if known and selector < len(known) else None
+    return selector, shape
 
 
 def _check_scan(client: DeepFocusClient, hello: dict[str, Any], shape: tuple[int, int] | None,

@@ -225,11 +225,39 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     """Focus and stigmate ``sem`` with ``estimator``; see the module text for the outcomes."""
     s = settings or AutofocusSettings()
     pixel_size_m = (s.scan or sem.get_scan()).pixel_size_m
-    d = s.perturbation_m if s.perturbation_m is not None else chosen_perturbation_m(estimator, pixel_size_m)
     clock = sem.clock
     t_start = clock.now_s()
     wall0 = time.perf_counter()
     start_wd, start_stig = sem.get_wd_m(), sem.get_stig()
+
+    def failed_before_any_frame(message: str, extra: dict) -> AutofocusResult:
+        return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
+                               message, extra)
+
+    try:
+        # a remote estimator is asked here first (which pair, which range, whether it answers this scan): an
+        # unreachable daemon ends the run as an estimator error later in it does, "failed", nothing moved
+        d = s.perturbation_m if s.perturbation_m is not None else chosen_perturbation_m(estimator, pixel_size_m)
+        if hasattr(estimator, "reset"):
+            estimator.reset()
+        # refuse before any frame is taken what the estimator cannot answer: the pair would cost dose for nothing
+        refusal = ""
+        if not answers_perturbation(estimator, d):
+            lo_d, hi_d = estimator.perturbation_range_m
+            refusal = (f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um the estimator "
+                       "answers")
+        elif hasattr(estimator, "check_frames"):
+            scan = s.scan or sem.get_scan()
+            try:
+                estimator.check_frames((scan.height_px, scan.width_px), scan.pixel_size_m, d)
+            except ValueError as exc:
+                refusal = str(exc)
+        far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
+        can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
+    except Exception as exc:  # noqa: BLE001 - an estimator error before any frame: reported, nothing moved
+        return failed_before_any_frame(f"{type(exc).__name__}: {exc}", {})
+    if refusal:
+        return failed_before_any_frame(refusal, {"perturbation_m": d})
     prev_scan = sem.get_scan()
     trace: list[IterationRecord] = []
     frames_n, dose, compute = 0, 0.0, 0.0
@@ -264,24 +292,6 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
         # a virtual clock does not see computation: add it so times compare with a real microscope
         return clock.now_s() - t_start + (compute if clock.is_virtual else 0.0)
 
-    if hasattr(estimator, "reset"):
-        estimator.reset()
-    # refuse before any frame is taken what the estimator cannot answer: the pair would cost dose for nothing
-    refusal = ""
-    if not answers_perturbation(estimator, d):
-        lo_d, hi_d = estimator.perturbation_range_m
-        refusal = f"perturbation {d * 1e6:g} um is outside the {lo_d * 1e6:g}-{hi_d * 1e6:g} um the estimator answers"
-    elif hasattr(estimator, "check_frames"):
-        scan = s.scan or prev_scan
-        try:
-            estimator.check_frames((scan.height_px, scan.width_px), scan.pixel_size_m, d)
-        except ValueError as exc:
-            refusal = str(exc)
-    if refusal:
-        return AutofocusResult("failed", 0, [], 0, 0.0, 0.0, 0.0, start_wd, start_stig, start_wd, start_stig,
-                               refusal, {"perturbation_m": d})
-    far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
-    can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
     pair_d = d
     own_d = min(d, float(getattr(estimator, "perturbation_m", d)))
     far_landed = False      # a far step was taken in full: it put the loop within the estimator's range

@@ -327,7 +327,9 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         reason = str(exc) if isinstance(exc, AutofocusAbort) else f"{type(exc).__name__}: {exc}"
         result.ok = False
         result.wd_m, result.stig_xy = start_wd, start_stig  # type: ignore[assignment]
-        result.message = f"CTRL: ERROR during DeepFocus AF: {reason.rstrip('. ')}. {restored}"
+        reason = reason.rstrip()
+        stop = "" if reason.endswith((".", "?", "!")) else "."
+        result.message = f"CTRL: ERROR during DeepFocus AF: {reason}{stop} {restored}"
     finally:
         if own_client:
             client.close()

@@ -93,3 +93,17 @@ def test_through_the_daemon_the_pair_is_the_one_its_model_wants_on_its_microscop
         pinned.close()
         srv.stop()
         srv.join()
+
+
+def test_a_daemon_unreachable_before_the_first_pair_ends_the_loop_failed_with_nothing_moved(tmp_path):
+    # an operator's scheduler relies on the outcome: "failed" with the reason, never an exception out of autofocus
+    m = _microscope()
+    start_wd, start_stig = m.sem.get_wd_m(), m.sem.get_stig()
+    remote = RemoteEstimator(f"ipc://{tmp_path}/nobody.sock", timeout_s=0.3, retries=0)
+    try:
+        res = autofocus_mod.autofocus(m.sem, remote, autofocus_mod.AutofocusSettings(
+            scan=ScanSettings(width_px=384, height_px=256)))
+    finally:
+        remote.close()
+    assert res.outcome == "failed" and "DaemonUnavailable" in res.message and "not answering" in res.message
+    assert res.images_taken == 0 and m.sem.get_wd_m() == start_wd and m.sem.get_stig() == start_stig

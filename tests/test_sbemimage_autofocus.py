@@ -132,6 +132,7 @@ def test_daemon_not_running_gives_an_error_message_and_restores_settings(tmp_pat
     addr = f"ipc://{tmp_path}/absent.sock"
     res = run_deepfocus_af(sem, settings_for(addr, timeout_s=0.3, retries=1))
     assert not res.ok and "ERROR" in res.message and addr in res.message
+    assert "?." not in res.message and ".." not in res.message
     assert sem.wd == start and sem.stig == sem.true_stig
 
 

@@ -391,3 +391,10 @@ def test_busy_reply_when_queue_is_full(serve):
     # one runs, at most one waits; the rest are refused at once rather than queued without bound
     assert codes.count("busy") >= 2 and codes.count("ok") >= 1
     assert codes.count("ok") + codes.count("busy") == 4
+
+
+def test_an_address_already_in_use_is_reported_as_such(serve):
+    first = serve(PowerRatioEstimator())
+    second = Server(ServerConfig(bind=first.address), estimator=PowerRatioEstimator())
+    with pytest.raises(zmq.ZMQError, match="Address already in use"):
+        second.serve_forever()

@@ -192,7 +192,8 @@ class Server:
                     job.request.id, "shutting_down", "the daemon is shutting down; the request "
                     "was not run"))
             worker.stop()
-            worker.join(30.0)
+            if worker.is_alive():           # not started where the bind failed: its error is the one to report
+                worker.join(30.0)
             # Replies the worker finished while we were stopping still go out.
             while replies.poll(0):
                 router.send_multipart(replies.recv_multipart(copy=False), copy=False)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except HardwareError as exc:
         print(f"gcibsem {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:    # a missing, unwritable or full disk's file too: named, no traceback
         print(f"gcibsem {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

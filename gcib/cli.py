@@ -3,6 +3,7 @@ one milling cycle from the microscope's profile."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -225,6 +226,30 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- mill-cycle
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """While milling, a stop signal blanks the beam as Ctrl+C does: SIGTERM (how services and schedulers stop a
+    process) and SIGHUP (a closed terminal) otherwise end the process with the gun scanning and unblanked, and a
+    process started in the background from a script ignores SIGINT. SIGKILL cannot be caught: only the
+    instrument's own burst or timeout settings end an exposure then."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    wanted = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    try:
+        before = {sig: signal.signal(sig, interrupt) for sig in wanted}
+    except ValueError:                      # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
 def _register_mill_cycle(subparsers) -> None:
     from hardware.cli import add_profile_arguments
 
@@ -335,12 +360,14 @@ def _cmd_mill_cycle(args: argparse.Namespace) -> int:
             stack.callback(blanker.port.close)
         gun = gun_from_config(cfg, driver, scope.clock, on_exposure=beam, blanker=blanker)
         try:
-            after = MillingCycle(scope.stage, gun, plan, log).run(args.cycle_id)
-        except KeyboardInterrupt:
+            with _stop_signals_interrupt():
+                after = MillingCycle(scope.stage, gun, plan, log).run(args.cycle_id)
+        except KeyboardInterrupt as exc:
             with contextlib.suppress(Exception):
                 gun.shutdown()
-            print(f"gcibsem mill-cycle: interrupted; the beam is blanked. Run the same command again to resume "
-                  f"cycle {args.cycle_id!r} from {args.log}", file=sys.stderr)
+            how = f" by {exc.args[0]}" if exc.args else ""
+            print(f"gcibsem mill-cycle: interrupted{how}; the beam is blanked. Run the same command again to "
+                  f"resume cycle {args.cycle_id!r} from {args.log}", file=sys.stderr)
             return 130
         except BaseException:
             with contextlib.suppress(Exception):

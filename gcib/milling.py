@@ -111,10 +111,25 @@ class MillingLog:
     def append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps(record, sort_keys=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        with open(self.path, "ab") as f:
+            if f.tell() and not self._ends_with_newline():
+                # a line cut short while writing (the disk full, the power gone) is no record: ``records`` skips it
+                # as the last line, but the records appended after it would make it a broken middle line and stop
+                # every later run; it is cut off
+                f.truncate(self._complete_bytes())
+            f.write((line + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _complete_bytes(self) -> int:
+        """The length of the log up to and with its last newline."""
+        data = self.path.read_bytes()
+        return data.rfind(b"\n") + 1
 
     def records(self, cycle_id: str | None = None) -> list[dict[str, Any]]:
         if not self.path.exists():

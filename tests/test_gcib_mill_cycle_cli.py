@@ -241,3 +241,31 @@ def test_a_simulated_microscope_with_a_url_mills_what_that_generator_is_set_to(s
     under = s["simulated"]["sections_under_field"]
     expected = expected_depth_m(scope, CURRENT_A * 20.0, 20e-3 * 20e-3)
     assert removed(scope)[under] == pytest.approx(expected[under], rel=1e-6)
+
+
+def test_a_stop_signal_mid_exposure_blanks_the_beam_and_the_cycle_resumes(scope, capsys, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from hardware.instruments.emulator_33522a import Emulated33522A
+
+    real_expose = SimulatedIonBeam.expose
+    calls = []
+
+    def stopped_by_the_service_manager(self, seconds):
+        calls.append(seconds)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)        # as systemd or a scheduler stops a process
+        return real_expose(self, seconds)
+    monkeypatch.setattr(SimulatedIonBeam, "expose", stopped_by_the_service_manager)
+    log = tmp_path / "m.jsonl"
+    with Emulated33522A() as generator:
+        argv = ("--log", str(log), "--cycle-id", "c1", "--url", generator.url, "--set", "ion_gun.mill_time_s=60")
+        rc, _, err = run(capsys, *argv)
+        snap = generator.snapshot()
+        assert rc == 130 and "interrupted by SIGTERM; the beam is blanked" in err and "resume" in err
+        assert not snap.channel(1).output_on and not snap.channel(2).output_on
+        assert signal.getsignal(signal.SIGTERM) is not None     # the handler was put back as it was
+        monkeypatch.setattr(SimulatedIonBeam, "expose", real_expose)
+        rc, s, _ = run(capsys, *argv, "--json")
+    assert rc == 0 and s["status"] == "resumed and finished" and s["beam_s"] == pytest.approx(60.0)

@@ -321,3 +321,16 @@ def test_outputs_blanker_never_scans_while_blanked():
     gun.expose(1.0)
     assert seen == [True] and not driver.outputs_on
     assert driver.scan == pytest.approx((100.0, 1.0, 10.0, 5.0))
+
+
+def test_a_line_cut_short_while_writing_is_dropped_by_the_next_append(tmp_path):
+    from gcib.milling import MillingLog
+    log = MillingLog(tmp_path / "mill.jsonl")
+    log.append({"cycle": "c1", "step": "start"})
+    with open(log.path, "ab") as f:                 # the disk filled up halfway through a record
+        f.write(b'{"cycle": "c1", "step": "expo')
+    assert [r["step"] for r in log.records()] == ["start"]
+    log.append({"cycle": "c1", "step": "expose-end"})
+    log.append({"cycle": "c2", "step": "start"})
+    assert [r["step"] for r in log.records()] == ["start", "expose-end", "start"]
+    assert log.path.read_bytes().count(b"expo") == 1     # only the whole record's

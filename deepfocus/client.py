@@ -53,6 +53,10 @@ class RemoteError(RuntimeError):
         super().__init__(f"DeepFocus daemon at {address} rejected '{op}' ({code}): {message}")
 
 
+# what a daemon's hello says of the microscope its answers are for (RemoteEstimator.reset)
+MICROSCOPE_KEYS = ("aperture_angle_mrad", "stig_units_per_um")
+
+
 @dataclass(frozen=True)
 class CurveClientKeys:
     """CURVE key files for a daemon bound to a non-loopback address.
@@ -302,6 +306,23 @@ class RemoteEstimator(Estimator):
         self._perturbation_m = perturbation_m
         self._pinned = perturbation_m is not None
         self._hello: dict[str, Any] | None = None
+
+    def reset(self) -> None:
+        """At the start of every autofocus run: the daemon's ``hello`` asked again, since a daemon restarted in
+        the meantime may serve another model. One restarted for another microscope (another aperture angle or
+        stigmator calibration than at the first run) is refused: its stigmator answers would be in another
+        microscope's units, which the loop would find out only after several diverging steps."""
+        fresh = self.client.hello()
+        if self._hello is not None:
+            changed = [k for k in MICROSCOPE_KEYS if fresh.get(k) != self._hello.get(k)]
+            if changed:
+                raise ValueError(f"the DeepFocus daemon at {self.address} now answers for another microscope: "
+                                 + ", ".join(f"{k} {fresh.get(k)} (was {self._hello.get(k)})" for k in changed)
+                                 + "; it was restarted with another profile. Restart it with this microscope's "
+                                   "profile, or start a new loop if the change was meant")
+        self._hello = fresh
+        if not self._pinned:
+            self._perturbation_m = None         # the active model's pair, as the daemon now says
 
     def _described(self) -> dict[str, Any]:
         """The daemon's ``hello`` (its active model's pair offsets and answers), asked once and remembered."""

@@ -107,3 +107,39 @@ def test_a_daemon_unreachable_before_the_first_pair_ends_the_loop_failed_with_no
         remote.close()
     assert res.outcome == "failed" and "DaemonUnavailable" in res.message and "not answering" in res.message
     assert res.images_taken == 0 and m.sem.get_wd_m() == start_wd and m.sem.get_stig() == start_stig
+
+
+def test_a_daemon_restarted_for_another_microscope_is_refused_at_the_next_run(tmp_path):
+    from deepfocus.calibration import StigCalibration
+
+    def daemon(units_per_um):
+        est = _estimator()
+        est.calibration, est.aperture_angle_mrad = StigCalibration(units_per_um), 4.0
+        srv = Server(ServerConfig(bind=f"ipc://{tmp_path}/daemon.sock"), estimator=est)
+        srv.start_in_thread()
+        return srv
+
+    settings = autofocus_mod.AutofocusSettings(max_iterations=1, max_uncertainty_wd_m=1.0,
+                                               max_uncertainty_stig=1e3, scan=ScanSettings(width_px=384, height_px=256))
+    remote = RemoteEstimator(f"ipc://{tmp_path}/daemon.sock", timeout_s=5, retries=1)
+    try:
+        srv = daemon(((0.5, 0.0), (0.0, 0.5)))
+        m = _microscope()
+        assert autofocus_mod.autofocus(m.sem, remote, settings).images_taken == 2
+        srv.stop()
+        srv.join()
+        # restarted with the same profile: the loop goes on
+        srv = daemon(((0.5, 0.0), (0.0, 0.5)))
+        assert autofocus_mod.autofocus(m.sem, remote, settings).images_taken == 2
+        srv.stop()
+        srv.join()
+        # restarted with another microscope's stigmator calibration: refused before any frame, nothing moved
+        srv = daemon(((0.0, 0.8), (-0.8, 0.0)))
+        wd = m.sem.get_wd_m()
+        res = autofocus_mod.autofocus(m.sem, remote, settings)
+        srv.stop()
+        srv.join()
+    finally:
+        remote.close()
+    assert res.outcome == "failed" and res.images_taken == 0 and m.sem.get_wd_m() == wd
+    assert "now answers for another microscope: stig_units_per_um" in res.message

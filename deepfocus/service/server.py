@@ -77,6 +77,12 @@ class ServerConfig:
     poll_interval_s: float = 0.25
 
 
+def _units_per_um(est: Any) -> list[list[float]] | None:
+    calibration = getattr(est, "calibration", None)
+    matrix = getattr(calibration, "units_per_um", None)
+    return [[float(v) for v in row] for row in matrix] if matrix is not None else None
+
+
 def is_loopback(address: str) -> bool:
     """True when ``address`` can only be reached from this machine."""
     scheme, _, rest = address.partition("://")
@@ -289,6 +295,9 @@ class Server:
             "alpha_ref_mrad": getattr(est, "alpha_ref_mrad", None),
             "aperture_angle_mrad": getattr(est, "aperture_angle_mrad", None),
             "stig_shares_wd_scale": bool(getattr(est, "stig_shares_wd_scale", False)),
+            # the microscope the answers are in (its stigmator units): a client notices a daemon restarted with
+            # another profile (RemoteEstimator.reset)
+            "stig_units_per_um": _units_per_um(est),
             "score_available": callable(getattr(est, "score", None)),
             "device": self.config.device,
             "pid": os.getpid(),

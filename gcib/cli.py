@@ -226,7 +226,6 @@ def _cmd_flatten(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- mill-cycle
-
 @contextlib.contextmanager
 def _stop_signals_interrupt():
     """While milling, a stop signal blanks the beam as Ctrl+C does: SIGTERM (how services and schedulers stop a
@@ -249,6 +248,7 @@ def _stop_signals_interrupt():
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
 
 def _register_mill_cycle(subparsers) -> None:
     from hardware.cli import add_profile_arguments

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +243,9 @@ class MicroscopeConfig:
 
 
 # ----------------------------------------------------------------------------- loading
+_EXPONENT_LITERAL = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is Any:
         return value
@@ -251,6 +255,10 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str) and _EXPONENT_LITERAL.match(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-5 or 1.0e6 as text: it wants a dot and a signed exponent (1.0e+6); meant
+            # as a number all the same
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):

@@ -83,3 +83,14 @@ def test_broken_profiles_are_named(tmp_path, text, message):
 def test_missing_profile_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_profile("/nonexistent/scope.yaml")
+
+
+def test_numbers_in_exponent_form_read_as_numbers(tmp_path):
+    # PyYAML reads 1e-5 and 1.0e6 as text (YAML 1.1 wants 1.0e+6); people write them as numbers
+    p = tmp_path / "m.yaml"
+    p.write_text("name: m\nautofocus:\n  max_total_wd_um: 1.0e6\nbeam:\n  current_na: 15e-1\n")
+    cfg = load_profile(p)
+    assert cfg.autofocus.max_total_wd_um == 1.0e6 and cfg.beam.current_na == 1.5
+    p.write_text("name: m\nbeam:\n  current_na: 1e-x\n")
+    with pytest.raises(ConfigError, match="beam.current_na: expected a number, got '1e-x'"):
+        load_profile(p)

@@ -41,7 +41,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .client import CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError
+from .client import MICROSCOPE_KEYS, CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError
 from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
 from .image_files import read_image
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
@@ -217,6 +217,8 @@ class DeepFocusResult:
     converged: bool = False
     iterations: list[DeepFocusIteration] = field(default_factory=list)
     duration_s: float = 0.0
+    # what the daemon's hello said of the microscope its answers are for (client.MICROSCOPE_KEYS)
+    daemon_microscope: dict[str, Any] = field(default_factory=dict)
 
     @property
     def new_wd_stig(self) -> tuple[float | None, float | None, float | None]:
@@ -231,8 +233,10 @@ class AutofocusAbort(RuntimeError):
 
 
 def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = None,
-                     client: DeepFocusClient | None = None) -> DeepFocusResult:
-    """Focus and stigmate with DeepFocus through the daemon; never leaves an unchecked jump."""
+                     client: DeepFocusClient | None = None,
+                     expect_microscope: dict[str, Any] | None = None) -> DeepFocusResult:
+    """Focus and stigmate with DeepFocus through the daemon; never leaves an unchecked jump. ``expect_microscope``:
+    an earlier run's ``daemon_microscope``; a daemon that now answers for another microscope is refused."""
     st = settings or DeepFocusSettings()
     own_client = client is None
     client = client or st.client()
@@ -247,6 +251,17 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         # before any frame: the daemon is there, and says whether its answers share one scale and which pairs
         # its model answers
         hello = _hello(client)
+        if hello:
+            result.daemon_microscope = {k: hello.get(k) for k in MICROSCOPE_KEYS}
+            changed = [k for k in MICROSCOPE_KEYS if expect_microscope and
+                       result.daemon_microscope[k] != expect_microscope.get(k)]
+            if changed:
+                was = expect_microscope or {}
+                raise AutofocusAbort(
+                    "the daemon now answers for another microscope: " + ", ".join(
+                        f"{k} {result.daemon_microscope[k]} (was {was.get(k)})" for k in changed)
+                    + "; it was restarted with another profile. Restart it with this microscope's profile (or "
+                    "restart SBEMimage if the change was meant); no frame was taken")
         planner = _planner(hello, st)
         d = _pair_perturbation(hello, st)
         far_d = _far_perturbation(hello, d, st)
@@ -521,6 +536,7 @@ class DeepFocusAutofocus:
         self.settings = settings or DeepFocusSettings()
         self.client = self.settings.client()
         self.last_result: DeepFocusResult | None = None
+        self._microscope: dict[str, Any] | None = None      # the daemon's, at the first run that reached it
 
     def run(self, autofocus: bool = True, autostig: bool = True) -> str:
         st = self.settings
@@ -529,7 +545,9 @@ class DeepFocusAutofocus:
         mode = (autofocus, autostig, autostig)
         if mode != tuple(st.aberr_mode):
             st = DeepFocusSettings(**{**st.__dict__, "aberr_mode": mode})
-        self.last_result = run_deepfocus_af(self.sem, st, client=self.client)
+        self.last_result = run_deepfocus_af(self.sem, st, client=self.client, expect_microscope=self._microscope)
+        if self._microscope is None and self.last_result.daemon_microscope:
+            self._microscope = self.last_result.daemon_microscope
         return self.last_result.message
 
     def daemon_available(self) -> bool:

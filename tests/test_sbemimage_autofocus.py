@@ -616,3 +616,30 @@ def test_a_curve_daemon_is_reached_with_the_key_files_the_config_names(tmp_path)
         srv.stop()
         srv.join()
     assert "Completed DeepFocus AF" in msg and abs(sem.wd - sem.true_wd) < 1e-6
+
+
+def test_a_daemon_restarted_for_another_microscope_is_refused_by_the_plugin_before_any_frame(tmp_path):
+    from deepfocus.calibration import StigCalibration
+
+    def daemon(units_per_um):
+        est = PowerRatioEstimator(blur_px_per_um=BETA_PX_PER_UM, patch_px=128)
+        est.calibration, est.aperture_angle_mrad = StigCalibration(units_per_um), 4.0
+        srv = Server(ServerConfig(bind=f"ipc://{tmp_path}/daemon.sock"), estimator=est)
+        srv.start_in_thread()
+        return srv
+
+    sem = FakeSBEMimageSEM()
+    af = DeepFocusAutofocus(sem, settings_for(f"ipc://{tmp_path}/daemon.sock", timeout_s=5, retries=1))
+    try:
+        for units, refused in ((((0.5, 0.0), (0.0, 0.5)), False), (((0.5, 0.0), (0.0, 0.5)), False),
+                               (((0.0, 0.8), (-0.8, 0.0)), True)):
+            srv = daemon(units)
+            frames = sem.frames
+            sem.wd = sem.true_wd + 3e-6
+            msg = af.run()
+            srv.stop()
+            srv.join()
+            assert ("now answers for another microscope: stig_units_per_um" in msg) == refused, msg
+            assert (sem.frames == frames) == refused and ("ERROR" in msg) == refused
+    finally:
+        af.close()

@@ -144,9 +144,38 @@ class MillingLog:
                 if k == len(lines) - 1:
                     break  # cut short by a crash while writing; everything before it is intact
                 raise ValueError(f"{self.path}:{n}: not a JSON record: {line[:80]!r}") from None
+            problem = _record_problem(rec)
+            if problem:
+                # a resume reads these to decide what is left to mill and where the stage goes back to: a record
+                # that does not say so is refused here, before the stage or the beam is touched
+                raise ValueError(f"{self.path}:{n}: {problem}; this is not a record mill-cycle writes: "
+                                 f"{line[:80]!r}")
             if cycle_id is None or rec.get("cycle") == cycle_id:
                 out.append(rec)
         return out
+
+
+# what a resume reads from each step's record
+_NUMBERS = {"expose-begin": ("index", "duration_s"), "expose-end": ("index", "duration_s", "charge_c")}
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _record_problem(rec: Any) -> str:
+    """What makes ``rec`` unreadable to a resume; empty where nothing does."""
+    if not isinstance(rec, dict) or not isinstance(rec.get("step"), str):
+        return "a record is an object with a 'step'"
+    missing = [k for k in _NUMBERS.get(rec["step"], ()) if not _finite(rec.get(k))]
+    if missing:
+        return f"its {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a number"
+    if rec["step"] == "start":
+        ret = rec.get("return_position")
+        fields = StagePosition.__dataclass_fields__
+        if not (isinstance(ret, dict) and set(ret) <= set(fields) and all(_finite(v) for v in ret.values())):
+            return f"its return_position is not a stage position in numbers ({', '.join(fields)})"
+    return ""
 
 
 @dataclass(frozen=True)

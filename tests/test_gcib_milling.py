@@ -326,11 +326,28 @@ def test_outputs_blanker_never_scans_while_blanked():
 def test_a_line_cut_short_while_writing_is_dropped_by_the_next_append(tmp_path):
     from gcib.milling import MillingLog
     log = MillingLog(tmp_path / "mill.jsonl")
-    log.append({"cycle": "c1", "step": "start"})
+    log.append({"cycle": "c1", "step": "move-begin"})
     with open(log.path, "ab") as f:                 # the disk filled up halfway through a record
         f.write(b'{"cycle": "c1", "step": "expo')
-    assert [r["step"] for r in log.records()] == ["start"]
-    log.append({"cycle": "c1", "step": "expose-end"})
-    log.append({"cycle": "c2", "step": "start"})
-    assert [r["step"] for r in log.records()] == ["start", "expose-end", "start"]
-    assert log.path.read_bytes().count(b"expo") == 1     # only the whole record's
+    assert [r["step"] for r in log.records()] == ["move-begin"]
+    log.append({"cycle": "c1", "step": "milled"})
+    log.append({"cycle": "c2", "step": "move-begin"})
+    assert [r["step"] for r in log.records()] == ["move-begin", "milled", "move-begin"]
+    assert b"expo" not in log.path.read_bytes()          # the torn fragment is gone
+
+
+@pytest.mark.parametrize("line, says", [
+    ('{"cycle": "c1", "index": 0}', "a record is an object with a 'step'"),
+    ('[1, 2]', "a record is an object with a 'step'"),
+    ('{"cycle": "c1", "step": "expose-end", "index": 0, "charge_c": 1e-9}', "its duration_s is not a number"),
+    ('{"cycle": "c1", "step": "start", "return_position": {"x_m": "abc"}}', "its return_position is not a stage"),
+])
+def test_a_log_record_a_resume_cannot_read_is_refused_naming_its_line(tmp_path, line, says):
+    from gcib.milling import MillingLog
+    log = MillingLog(tmp_path / "mill.jsonl")
+    log.append({"cycle": "c0", "step": "done"})
+    with open(log.path, "a") as f:
+        f.write(line + "\n")
+    log.append({"cycle": "c1", "step": "done"})
+    with pytest.raises(ValueError, match=f"mill.jsonl:2: {says}"):
+        log.records("c1")

@@ -57,6 +57,17 @@ class RemoteError(RuntimeError):
 MICROSCOPE_KEYS = ("aperture_angle_mrad", "stig_units_per_um")
 
 
+def microscope_of(hello: dict[str, Any]) -> dict[str, Any]:
+    """The microscope a daemon's ``hello`` says its answers are for."""
+    return {k: hello.get(k) for k in MICROSCOPE_KEYS}
+
+
+def microscope_changes(now: dict[str, Any], before: dict[str, Any]) -> str:
+    """How a daemon's microscope (``microscope_of``) differs from an earlier one; empty where it does not."""
+    return ", ".join(f"{k} {now.get(k)} (was {before.get(k)})" for k in MICROSCOPE_KEYS
+                     if now.get(k) != before.get(k))
+
+
 @dataclass(frozen=True)
 class CurveClientKeys:
     """CURVE key files for a daemon bound to a non-loopback address.
@@ -313,13 +324,11 @@ class RemoteEstimator(Estimator):
         stigmator calibration than at the first run) is refused: its stigmator answers would be in another
         microscope's units, which the loop would find out only after several diverging steps."""
         fresh = self.client.hello()
-        if self._hello is not None:
-            changed = [k for k in MICROSCOPE_KEYS if fresh.get(k) != self._hello.get(k)]
-            if changed:
-                raise ValueError(f"the DeepFocus daemon at {self.address} now answers for another microscope: "
-                                 + ", ".join(f"{k} {fresh.get(k)} (was {self._hello.get(k)})" for k in changed)
-                                 + "; it was restarted with another profile. Restart it with this microscope's "
-                                   "profile, or start a new loop if the change was meant")
+        changed = microscope_changes(microscope_of(fresh), microscope_of(self._hello)) if self._hello else ""
+        if changed:
+            raise ValueError(f"the DeepFocus daemon at {self.address} now answers for another microscope: {changed}; "
+                             "it was restarted with another profile. Restart it with this microscope's profile, or "
+                             "start a new loop if the change was meant")
         self._hello = fresh
         if not self._pinned:
             self._perturbation_m = None         # the active model's pair, as the daemon now says

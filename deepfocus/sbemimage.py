@@ -41,7 +41,8 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from .client import MICROSCOPE_KEYS, CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError
+from .client import (CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError, microscope_changes,
+                     microscope_of)
 from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
 from .image_files import read_image
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
@@ -217,7 +218,7 @@ class DeepFocusResult:
     converged: bool = False
     iterations: list[DeepFocusIteration] = field(default_factory=list)
     duration_s: float = 0.0
-    # what the daemon's hello said of the microscope its answers are for (client.MICROSCOPE_KEYS)
+    # what the daemon's hello said of the microscope its answers are for (client.microscope_of)
     daemon_microscope: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -252,16 +253,12 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         # its model answers
         hello = _hello(client)
         if hello:
-            result.daemon_microscope = {k: hello.get(k) for k in MICROSCOPE_KEYS}
-            changed = [k for k in MICROSCOPE_KEYS if expect_microscope and
-                       result.daemon_microscope[k] != expect_microscope.get(k)]
+            result.daemon_microscope = microscope_of(hello)
+            changed = microscope_changes(result.daemon_microscope, expect_microscope) if expect_microscope else ""
             if changed:
-                was = expect_microscope or {}
-                raise AutofocusAbort(
-                    "the daemon now answers for another microscope: " + ", ".join(
-                        f"{k} {result.daemon_microscope[k]} (was {was.get(k)})" for k in changed)
-                    + "; it was restarted with another profile. Restart it with this microscope's profile (or "
-                    "restart SBEMimage if the change was meant); no frame was taken")
+                raise AutofocusAbort(f"the daemon now answers for another microscope: {changed}; it was restarted "
+                                     "with another profile. Restart it with this microscope's profile (or restart "
+                                     "SBEMimage if the change was meant); no frame was taken")
         planner = _planner(hello, st)
         d = _pair_perturbation(hello, st)
         far_d = _far_perturbation(hello, d, st)

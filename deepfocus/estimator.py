@@ -25,6 +25,7 @@ from .correction import Correction, Estimator, answers_perturbation, pair_pertur
 from .databar import scanned_region
 from .features import structure_ratio
 from .models import cpu_head, symmetry_averaged
+from .pair_check import check_pair
 from .patches import (MAX_NOISE_CORRELATION, PatchFrames, consensus, count_tiles, noise_correlation, overlaps_little,
                       patch_count, patch_offsets, tile_offsets)
 from .line_offsets import remove_line_offsets_
@@ -61,37 +62,6 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from None
-
-
-def check_pair(minus: np.ndarray, plus: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Check a pair; return it with the (scale, offset) that maps both to [-1, 1] the same way."""
-    a, b = np.asarray(minus), np.asarray(plus)
-    if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"expected two 2-D grey images, got shapes {a.shape} and {b.shape}")
-    if a.shape != b.shape:
-        raise ValueError(f"the two images differ in shape: {a.shape} (wd - d) vs {b.shape} (wd + d); "
-                         "take both with the same scan settings")
-    if a.dtype != b.dtype:
-        raise ValueError(f"the two images differ in type: {a.dtype} vs {b.dtype}")
-    if a.dtype == np.uint8:
-        return a, b, 1 / 127.5, 1.0
-    if a.dtype == np.uint16:
-        return a, b, 1 / 32767.5, 1.0
-    if a.dtype.kind not in "fiu":
-        raise ValueError(f"unsupported image type {a.dtype}")
-    if a.dtype.kind == "f":
-        for name, img in (("wd - d", a), ("wd + d", b)):
-            bad = int(img.size - np.count_nonzero(np.isfinite(img)))
-            if bad:
-                raise ValueError(f"the {name} image contains {bad} NaN or infinite pixel(s)")
-    lo = float(min(a.min(), b.min()))
-    hi = float(max(a.max(), b.max()))
-    if a.dtype.kind == "f" and max(-lo, hi) > 1e6:
-        # frames in counts or physical units: their squares overflow the float32 spectra and sums downstream
-        a, b = (((img - lo) / ((hi - lo) or 1.0)).astype(np.float32) for img in (a, b))
-        lo, hi = 0.0, 1.0
-    scale = 2.0 / max(hi - lo, 1e-12)
-    return a, b, scale, 1.0 + lo * scale
 
 
 @dataclass

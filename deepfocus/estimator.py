@@ -459,7 +459,9 @@ class DeepFocusEstimator(Estimator):
             # Quadrant by quadrant: a patch mostly on blank ground (resin, a vessel, wafer milled bare) still
             # passes as a whole through the edge it holds, and such patches answered wd 6 um off on average
             # (tissue patches 0.3 um), enough to move the consensus. No quadrant may be noise only.
-            xb = xb.reshape(2 * n, 2, q, 2, q).permute(0, 1, 3, 2, 4).reshape(8 * n, q, q)
+            # (a patch whose side is no multiple of 8, as the frame's short side or a registration crop can make
+            # it, leaves a binned row and column out of the quadrants)
+            xb = xb[:, :2 * q, :2 * q].reshape(2 * n, 2, q, 2, q).permute(0, 1, 3, 2, 4).reshape(8 * n, q, q)
             per = per.repeat_interleave(4) if per is not None else None
         with torch.no_grad():
             return structure_ratio(xb, per).reshape(n, -1).min(dim=1).values.numpy()

@@ -265,7 +265,8 @@ class DeepFocusEstimator(Estimator):
             raise ValueError(f"model {self.model_id} answers {took}, got perturbation {d * 1e6:g} um "
                              "(perturbation_m is in metres)")
         if min(shape) < self.min_patch_px:
-            raise ValueError(f"images of {shape} px are too small: need at least {self.min_patch_px} px per side")
+            raise ValueError(f"frames of {shape[1]} x {shape[0]} px are too small: need at least "
+                             f"{self.min_patch_px} px per side")
         return d
 
     # ------------------------------------------------------------------ estimate

@@ -102,9 +102,9 @@ def test_small_frames_report_how_far_their_answer_can_be_trusted(specimen, estim
     assert c.extra["spread_from_tiles"][0] >= 3
     # under half the model's patch a side: refused, not answered (such patches answer steps short)
     minus, plus, _ = pairs[0]
-    with pytest.raises(ValueError, match=r"images of \(100, 100\) px are too small: need at least 128 px per side"):
+    with pytest.raises(ValueError, match=r"frames of 100 x 100 px are too small: need at least 128 px per side"):
         estimator.estimate(minus[:100, :100], plus[:100, :100], 10e-9)
-    with pytest.raises(ValueError, match=r"images of \(100, 1024\) px are too small"):       # a strip too
+    with pytest.raises(ValueError, match=r"frames of 1024 x 100 px are too small"):       # a strip too
         estimator.check_frames((100, 1024), 10e-9, 5e-6)
     # frames with room for separate patches keep their own spread
     minus, plus, _ = _pairs(specimen, 10.0, 5.0, seed=22)[0]

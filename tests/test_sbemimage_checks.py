@@ -30,7 +30,8 @@ class PickyEstimator(PowerRatioEstimator):
     def check_frames(self, shape, pixel_size_m, perturbation_m=None) -> None:
         self.asked.append((tuple(shape), pixel_size_m, perturbation_m))
         if min(shape) < self.patch_px:
-            raise ValueError(f"images of {tuple(shape)} px are too small: need at least {self.patch_px} px per side")
+            raise ValueError(f"frames of {shape[1]} x {shape[0]} px are too small: need at least {self.patch_px} px "
+                             "per side")
         if pixel_size_m > 40e-9:
             raise ValueError(f"pixel size {pixel_size_m * 1e9:g} nm is beyond this model's range (up to 40 nm)")
 

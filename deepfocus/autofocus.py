@@ -47,7 +47,7 @@ from hardware.config import MAX_LENS_PLAY_UM, AutofocusConfig
 from hardware.sem import SEM, Frame, ScanSettings
 
 from .correction import (Correction, Estimator, answers_perturbation, chosen_perturbation_m,
-                         far_perturbation_m)
+                         far_pair_answered_m, far_perturbation_m)
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
@@ -219,6 +219,15 @@ def fitting_pair_m(sem: SEM, wd_m: float, perturbation_m: float, floor_m: float)
     return perturbation_m if room >= perturbation_m else max(room, floor_m)
 
 
+def _answers_frames(estimator, scan, perturbation_m: float) -> bool:
+    """Whether ``estimator.check_frames`` takes frames of ``scan`` for a pair at -/+ ``perturbation_m``."""
+    try:
+        estimator.check_frames((scan.height_px, scan.width_px), scan.pixel_size_m, perturbation_m)
+    except ValueError:
+        return False
+    return True
+
+
 def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None = None,
               should_abort: Callable[[], bool] | None = None,
               on_iteration: Callable[[IterationRecord], None] | None = None) -> AutofocusResult:
@@ -254,6 +263,10 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 refusal = str(exc)
         far_d = far_perturbation_m(d, s.far_perturbation_factor, getattr(estimator, "perturbation_range_m", None))
         can_go_far = far_d is not None and not hasattr(estimator, "measure") and answers_perturbation(estimator, far_d)
+        if can_go_far and hasattr(estimator, "check_frames"):
+            scan = s.scan or sem.get_scan()
+            far_d = far_pair_answered_m(far_d, d, lambda fd: _answers_frames(estimator, scan, fd))
+            can_go_far = far_d is not None
     except Exception as exc:  # noqa: BLE001 - an estimator error before any frame: reported, nothing moved
         return failed_before_any_frame(f"{type(exc).__name__}: {exc}", {})
     if refusal:

@@ -43,7 +43,7 @@ import numpy as np
 
 from .client import (CurveClientKeys, DaemonUnavailable, DeepFocusClient, RemoteError, microscope_changes,
                      microscope_of)
-from .correction import far_perturbation_m, in_perturbation_range, pair_perturbation_m
+from .correction import far_pair_answered_m, far_perturbation_m, in_perturbation_range, pair_perturbation_m
 from .image_files import read_image
 from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
 
@@ -264,6 +264,7 @@ def run_deepfocus_af(sem: SBEMimageSEM, settings: DeepFocusSettings | None = Non
         far_d = _far_perturbation(hello, d, st)
         selector, shape = _focus_frames(sem, st)
         _check_scan(client, hello, shape, st, d)
+        far_d = _far_answered(client, hello, shape, st, d, far_d)
         pair_d, far_taken = d, False
         _sem_call(sem.apply_frame_settings, f"the frame settings (deepfocus_frame_size_selector {selector}, "
                   f"pixel size {st.pixel_size_nm:g} nm, dwell {st.dwell_time_us:g} us)",
@@ -462,6 +463,22 @@ def _far_perturbation(hello: dict[str, Any], d: float, st: DeepFocusSettings) ->
         return None
     far = far_perturbation_m(d, st.far_perturbation_factor, rng)
     return far if far is not None and in_perturbation_range(far, rng) else None
+
+
+def _far_answered(client: DeepFocusClient, hello: dict[str, Any], shape: tuple[int, int] | None,
+                  st: DeepFocusSettings, d: float, far_d: float | None) -> float | None:
+    """``far_d``, or as far apart as the daemon's model still answers on these frames
+    (``correction.far_pair_answered_m``), asked as ``_check_scan`` asks; unchanged where it cannot be asked."""
+    if far_d is None or shape is None or "check" not in (hello.get("capabilities") or ()):
+        return far_d
+
+    def answered(fd: float) -> bool:
+        try:
+            client.check_frames(shape, st.pixel_size_nm * 1e-9, fd)
+        except RemoteError:
+            return False
+        return True
+    return far_pair_answered_m(far_d, d, answered)
 
 
 def _planner(hello: dict[str, Any], st: DeepFocusSettings) -> StepPlanner:

@@ -567,3 +567,22 @@ def test_mapfost_refuses_frames_too_small_for_its_crop_before_any_frame(small_sc
     sem.set_scan(pixel_size_m=10e-9, width_px=200, height_px=200, dwell_s=50e-9)
     res = autofocus(sem, MapfostEstimator(4e-3), AutofocusSettings(max_iterations=1))
     assert res.outcome == "failed" and "too small for MAPFoSt" in res.message and res.images_taken == 0
+
+
+class FramesLimited(Perturbations):
+    """Answers a far pair on these frames only up to +-11 um (further apart, it would bin them past a patch)."""
+
+    def check_frames(self, shape, pixel_size_m, perturbation_m=None):
+        if perturbation_m > 11e-6:
+            raise ValueError("frames of 128 x 128 px (binned 7 x 7 for this model) are too small")
+
+
+def test_a_far_pair_is_taken_only_as_far_apart_as_the_frames_are_answered(small_scope):
+    est = FramesLimited([disagree_on_wd(), corr(-40.0, unc=5.0), corr(0.1)], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(small_scope.sem, est, AutofocusSettings(max_step_wd_m=100e-6))
+    assert res.outcome == "converged", res.message
+    assert est.asked == pytest.approx([5e-6, 10.5e-6, 5e-6])
+    # none answered at 1.5 x or more: the first pair's refusal stands, no frame taken that would be refused
+    est = FramesLimited([disagree_on_wd()], perturbation_range_m=(2.5e-6, 15e-6))
+    res = autofocus(small_scope.sem, est, AutofocusSettings(perturbation_m=8e-6, max_step_wd_m=100e-6))
+    assert res.outcome == "uncertain" and est.asked == pytest.approx([8e-6]) and res.images_taken == 2

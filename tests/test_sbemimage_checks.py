@@ -267,3 +267,22 @@ def test_a_daemon_restarted_for_another_microscope_is_refused_by_the_plugin_befo
             assert (sem.frames == frames) == refused and ("ERROR" in msg) == refused
     finally:
         af.close()
+
+
+def test_a_far_pair_the_daemons_model_cannot_answer_on_these_frames_is_taken_as_far_apart_as_it_can():
+    """A far pair further apart shows the model finer pixels, which it bins: on a wide beam the 15 um pair left a
+    768 x 576 frame no patch, and the run took it and ended on the daemon's refusal."""
+    try:
+        from test_sbemimage_autofocus import RangeLimited, run_from
+    except ImportError:
+        from tests.test_sbemimage_autofocus import RangeLimited, run_from
+
+    class FarPicky(RangeLimited):
+        def check_frames(self, shape, pixel_size_m, perturbation_m=None) -> None:
+            if perturbation_m > 11e-6:
+                raise ValueError(f"frames of {shape[1]} x {shape[0]} px (binned 7 x 7 for this model) are too small")
+
+    sem, est, res, start = run_from(55.0, FarPicky, max_iterations=5, max_wd_stig_diff=(80e-6, 2.0, 2.0))
+    assert res.ok and res.converged, res.message
+    assert est.asked[:3] == pytest.approx([5e-6, 10.5e-6, 5e-6])
+    assert [it.far for it in res.iterations][:3] == [False, True, False]

@@ -113,8 +113,8 @@ def far_pair_answered_m(far_m: float | None, perturbation_m: float, answered) ->
     """The far pair's perturbation that the estimator answers on these frames: ``far_m`` where ``answered(d)``
     holds for it, else the largest tenth of it down to MIN_FAR_FACTOR x the usual one that it holds for; None where
     none does. A pair further apart shows the model finer pixels, which it bins: on a wide beam the far pair at
-    15 um bins 7 nm pixels 7 x 7 (10.8 mrad), and a 768 x 576 frame then holds no patch; the loop took that pair
-    and ended "failed" where a far pair at 10 um would have been answered."""
+    15 um bins 7.1 nm pixels 7 x 7 (10.8 mrad), and a 768 x 576 frame then holds no patch; the loop took that pair
+    and ended "failed" where a far pair at 9 um was answered."""
     if far_m is None or answered(far_m):
         return far_m
     for k in range(9, 0, -1):

@@ -475,6 +475,8 @@ def _far_answered(client: DeepFocusClient, hello: dict[str, Any], shape: tuple[i
     def answered(fd: float) -> bool:
         try:
             client.check_frames(shape, st.pixel_size_nm * 1e-9, fd)
+        except DaemonUnavailable as exc:
+            raise AutofocusAbort(str(exc)) from exc
         except RemoteError:
             return False
         return True

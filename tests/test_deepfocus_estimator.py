@@ -443,7 +443,7 @@ def test_a_pair_read_beyond_the_trained_wd_range_says_so():
 
 def test_an_unsigned_frame_read_as_signed_is_refused_not_answered_short(pair_8um_short):
     """A uint16 file read as int16 turns its brightest pixels into its darkest: the shipped model answered this pair
-    9.07 um against 8.09 read right (others up to 25 % short), and "ok". A truly signed frame is answered as the
+    9.07 um against 8.09 read right (others up to 26 % short), and "ok". A truly signed frame is answered as the
     unsigned one."""
     est = load_estimator(DEFAULT_MODEL, device="cpu")
     a, b = pair_8um_short

@@ -10,10 +10,12 @@ from deepfocus.sbemimage import DeepFocusAutofocus, DeepFocusSettings, run_deepf
 from deepfocus.service import Server, ServerConfig
 
 try:
-    from test_sbemimage_autofocus import BETA_PX_PER_UM, FakeSBEMimageSEM, daemon, serving, settings_for
+    from test_sbemimage_autofocus import (BETA_PX_PER_UM, FakeSBEMimageSEM, RangeLimited, daemon, run_from, serving,
+                                          settings_for)
     from test_service_estimator import PowerRatioEstimator
 except ImportError:
-    from tests.test_sbemimage_autofocus import BETA_PX_PER_UM, FakeSBEMimageSEM, daemon, serving, settings_for
+    from tests.test_sbemimage_autofocus import (BETA_PX_PER_UM, FakeSBEMimageSEM, RangeLimited, daemon, run_from,
+                                                serving, settings_for)
     from tests.test_service_estimator import PowerRatioEstimator
 
 pytestmark = pytest.mark.timeout(60)
@@ -272,11 +274,6 @@ def test_a_daemon_restarted_for_another_microscope_is_refused_by_the_plugin_befo
 def test_a_far_pair_the_daemons_model_cannot_answer_on_these_frames_is_taken_as_far_apart_as_it_can():
     """A far pair further apart shows the model finer pixels, which it bins: on a wide beam the 15 um pair left a
     768 x 576 frame no patch, and the run took it and ended on the daemon's refusal."""
-    try:
-        from test_sbemimage_autofocus import RangeLimited, run_from
-    except ImportError:
-        from tests.test_sbemimage_autofocus import RangeLimited, run_from
-
     class FarPicky(RangeLimited):
         def check_frames(self, shape, pixel_size_m, perturbation_m=None) -> None:
             if perturbation_m > 11e-6:

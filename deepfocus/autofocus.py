@@ -220,14 +220,6 @@ def fitting_pair_m(sem: SEM, wd_m: float, perturbation_m: float, floor_m: float)
     return perturbation_m if room >= perturbation_m else max(room, floor_m)
 
 
-def wd_only_answer(corr: Correction, reason: str) -> Correction:
-    """``corr`` with its astigmatism left for a later pair, as the estimator leaves it (``extra["astig_uncertain"]``,
-    the answer kept in ``astig_um_unapplied``)."""
-    extra = dict(corr.extra, astig_uncertain=True, astig_um_unapplied=[corr.astig_x_um, corr.astig_y_um],
-                 reason=reason)
-    return replace(corr, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0, extra=extra)
-
-
 def _answers_frames(estimator, scan, perturbation_m: float) -> bool:
     """Whether ``estimator.check_frames`` takes frames of ``scan`` for a pair at -/+ ``perturbation_m``."""
     try:
@@ -359,8 +351,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                     # wd certain, the astigmatism not: the wd step alone, as the estimator answers where its
                     # patches disagree on astigmatism (a 1.3 mrad beam 14 um from focus: wd answered 14.6 um for
                     # 13.9, the stigmators 2.07 units unsure; the whole answer was refused and the start restored)
-                    corr = wd_only_answer(corr, f"stigmator uncertainty {corr.uncertainty_stig:.2f} above "
-                                                f"max_uncertainty_stig {s.max_uncertainty_stig:g}: wd only")
+                    corr = corr.wd_only(f"stigmator uncertainty {corr.uncertainty_stig:.2f} above "
+                                        f"max_uncertainty_stig {s.max_uncertainty_stig:g}: wd only")
                     wd_only = True
             if corr.status != "ok" or bad or too_unsure:
                 # an answer the estimator gave as "ok" may carry a note (wd only) that is not why it is refused here

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,14 @@ class Correction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def wd_only(self, reason: str) -> "Correction":
+        """This answer with its astigmatism left for a later pair (``extra["astig_uncertain"]``, the astigmatism
+        kept in ``astig_um_unapplied``): far from focus the defocus disc dwarfs the astigmatic ellipticity, so an
+        answer can be sure of wd long before it is of the stigmators."""
+        extra = dict(self.extra, astig_uncertain=True, astig_um_unapplied=[self.astig_x_um, self.astig_y_um],
+                     reason=reason)
+        return replace(self, astig_x_um=0.0, astig_y_um=0.0, stig_x=0.0, stig_y=0.0, extra=extra)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Correction":

@@ -382,18 +382,16 @@ class DeepFocusEstimator(Estimator):
         status = "ok"
         ax, ay = float(mean[1]), float(mean[2])
         astig_spread = math.hypot(spread[1], spread[2])
+        wd_only = ""
         if spread[0] > s.max_spread_wd_um + 0.2 * abs(mean[0]):
             status = "uncertain"
             # machine-readable: far from focus a pair at a larger perturbation may still answer (autofocus)
             extra["wd_uncertain"] = True
             extra["reason"] = f"patches disagree on wd by {spread[0]:.2f} um"
         elif astig_spread > s.max_spread_astig_um + 0.2 * math.hypot(ax, ay):
-            # Far from focus the defocus disc dwarfs the astigmatic ellipticity, so the patches agree on wd
-            # long before they agree on astigmatism: answer the wd step alone rather than nothing (the
-            # astigmatism is measured again closer to focus).
-            extra.update({"astig_uncertain": True, "astig_um_unapplied": [ax, ay],
-                          "reason": f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"})
-            ax = ay = 0.0
+            # the patches agree on wd long before they agree on astigmatism: the wd step alone rather than nothing
+            # (the astigmatism is measured again closer to focus)
+            wd_only = f"patches disagree on astigmatism by {astig_spread:.2f} um: wd only"
         if abs(mean[0]) > self.trained_wd_range_um * d_ratio:
             # The pair looks like one further from focus than any in training (it is read as a pair at the
             # model's perturbation): answers there come back short of the truth, by a factor that depends on the
@@ -401,12 +399,13 @@ class DeepFocusEstimator(Estimator):
             # them (``steps``).
             extra["beyond_trained_wd_um"] = round(self.trained_wd_range_um * d_ratio, 2)
         sx, sy = self.calibration.units(ax, ay)
-        return Correction(wd_um=float(mean[0]), astig_x_um=ax, astig_y_um=ay,
-                          stig_x=sx, stig_y=sy, uncertainty_wd_um=float(spread[0]), uncertainty_stig=unc_stig,
-                          score=float(pred[:, 3].mean()), status=status, model_id=self.model_id,
-                          n_patches=len(pred),           # the answers of the patches with structure
-                          timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
-                          extra=extra)
+        answer = Correction(wd_um=float(mean[0]), astig_x_um=ax, astig_y_um=ay,
+                            stig_x=sx, stig_y=sy, uncertainty_wd_um=float(spread[0]), uncertainty_stig=unc_stig,
+                            score=float(pred[:, 3].mean()), status=status, model_id=self.model_id,
+                            n_patches=len(pred),           # the answers of the patches with structure
+                            timings_s={"prepare": t1 - t0, "inference": t2 - t1, "total": time.perf_counter() - t0},
+                            extra=extra)
+        return answer.wd_only(wd_only) if wd_only else answer
 
     def _cut(self, frames: PatchFrames, offs: list[tuple[int, int]], patch: int,
              maps) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,7 +49,8 @@ MAX_COARSE_FACTOR = 1.4
 # Few training pairs had pixels near the finest (3 % of v7's below 6 nm against its 4.7 nm), and there the model
 # answered worse: pixels finer than this many times the finest are binned as well (4 mrad at 5 nm pixels, or 8 mrad
 # at 10 nm: within the margin after one correction 0.55 unbinned, 0.85 and 1.00 binned; deepfocus/README.md,
-# "Which pair the loop takes"). Not further: binned 3 x 3, 3 nm frames leave the model too little field.
+# "Which pair the loop takes"). Not further: 3 nm pixels binned 3 x 3 answered no better than 2 x 2. Frames too
+# small for this margin's binning give it up first (``_binning``).
 WELL_TRAINED_FACTOR = 1.25
 
 
@@ -231,6 +232,22 @@ class DeepFocusEstimator(Estimator):
                 f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
         return m_nm, max(1, math.ceil(WELL_TRAINED_FACTOR * lo / m_nm - 1e-9))
 
+    def _binning(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float,
+                 aperture_angle_mrad: float | None = None) -> tuple[float, int]:
+        """(pixel size handed to the model in nm before binning, bin factor) for frames of ``shape``: those of
+        ``sampling``, or, where the frames hold no patch binned that much, the most binning they hold that keeps
+        the model's pixels within its trained range (the margin WELL_TRAINED_FACTOR is given up before the
+        frames are: 640 x 320 px at 4.7 nm on 6.9 mrad, binned 3 x 3 for the margin, were refused before any frame,
+        and 640 x 640 that registration cropped to 627 rows ended a run after its pair)."""
+        m_nm, nbin = self.sampling(pixel_size_m, perturbation_m, aperture_angle_mrad)
+        if not self.settings.bin_fine_pixels:
+            return m_nm, 1
+        if self.model_pixel_range_nm is not None:
+            least = max(1, math.ceil(self.model_pixel_range_nm[0] / m_nm - 1e-9))
+            while nbin > least and min(shape) // nbin < self.min_patch_px:
+                nbin -= 1
+        return m_nm, nbin
+
     @property
     def min_patch_px(self) -> int:
         # Patches under half the model's are answered short: 1024 px wide strips (FlyEM 520, setup_a, 50 ns) gave
@@ -248,7 +265,7 @@ class DeepFocusEstimator(Estimator):
 
     def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
         d = self._check(shape, pixel_size_m, perturbation_m)
-        self._patch_px(shape, self.sampling(pixel_size_m, d)[1] if self.settings.bin_fine_pixels else 1, pixel_size_m)
+        self._patch_px(shape, self._binning(shape, pixel_size_m, d)[1], pixel_size_m)
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
@@ -286,10 +303,17 @@ class DeepFocusEstimator(Estimator):
         if shift is not None and shift.any:
             a, b = common_field(a, b, shift)
             binned = common_field(*binned, binned_shift(shift))
-            self._check(a.shape, pixel_size_m, perturbation_m)
+            try:
+                self._check(a.shape, pixel_size_m, perturbation_m)
+                self._patch_px(a.shape, self._binning(a.shape, pixel_size_m, d, aperture_angle_mrad)[1], pixel_size_m)
+            except ValueError as exc:
+                # the frames held a patch and the field they share does not: not the caller's input but the
+                # image moving between the scans (512 x 256 px frames at 2 x 2, 10 rows moved)
+                return self._uncertain(f"the image moved {shift.dy_px}, {shift.dx_px} px (rows, columns) between "
+                                       f"the two frames, and the field they share is too small: {exc}; let the image "
+                                       "settle or take larger frames", {"total": time.perf_counter() - t0}, 0)
         d_ratio = d / self.perturbation_m          # answers come back d0 / d too small (see ``sampling``)
-        model_px_nm, nbin = self.sampling(pixel_size_m, d, aperture_angle_mrad)
-        nbin = nbin if s.bin_fine_pixels else 1
+        model_px_nm, nbin = self._binning(a.shape, pixel_size_m, d, aperture_angle_mrad)
         model_px_nm *= nbin
         patch = self._patch_px(a.shape, nbin, pixel_size_m)
         src = patch * nbin

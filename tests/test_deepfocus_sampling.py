@@ -197,3 +197,32 @@ def test_the_range_assumed_for_v4_and_v5_is_the_one_their_generator_drew():
     for name in ("spectral_alpha.yaml", "spectral_video.yaml"):
         gen = datagen.GenConfig(**TrainConfig.load(REPO / "deepfocus" / "configs" / name).gen)
         assert datagen.model_pixel_range_nm(gen) == pytest.approx(DEFAULT_MODEL_PIXEL_RANGE_NM, abs=0.01)
+
+
+def test_frames_too_small_for_the_margin_binning_are_binned_less_while_the_pixels_stay_in_the_trained_range(
+        specimen, estimator):
+    # 2.5 nm at 4 mrad is binned 3 x 3 for the margin beyond the finest trained pixel (4.7 nm); a frame 300 rows
+    # high holds no patch of 3 x 128 rows, but one of 2 x 128, whose 5 nm pixels are still within training: such
+    # frames were refused before any frame was taken
+    pairs = _pairs(specimen, 2.5, 5.0, seed=31, frame_px=(512, 300))
+    estimator.check_frames((300, 512), 2.5e-9, 5e-6)
+    answers = [estimator.estimate(minus, plus, 2.5e-9) for minus, plus, _ in pairs]
+    assert all(c.status == "ok" and c.extra["binned"] == 2 for c in answers)
+    # one row of patches answers short (0.79-0.93 of the way here), unbinned 5 nm pixels shorter still (0.63-0.75)
+    ratios = np.array([c.wd_um / truth for c, (_, _, truth) in zip(answers, pairs)])
+    assert ratios.min() > 0.7 and ratios.max() < 1.1, ratios
+    unbinned = load_estimator_for(load_profile("setup_a", []), device="cpu",
+                                  settings=EstimatorSettings(bin_fine_pixels=False))
+    assert _errors(estimator, pairs, 2.5, 5.0).mean() < _errors(unbinned, pairs, 2.5, 5.0).mean()
+    # binned less than that, the model would see pixels finer than any it was trained on: refused by name
+    with pytest.raises(ValueError, match=r"\(binned 2 x 2 for this model\) are too small: need at least 256 px"):
+        estimator.check_frames((250, 512), 2.5e-9, 5e-6)
+
+
+def test_a_field_shared_by_the_two_frames_too_small_for_a_patch_is_uncertain_naming_the_move(specimen, estimator):
+    minus, plus, _ = _pairs(specimen, 10.0, 5.0, seed=32, frame_px=(512, 300))[1]
+    assert estimator.estimate(minus[:134], plus[:134], 10e-9).status == "ok"
+    # the image moved 10 rows between the scans: the 124 rows both frames show hold no patch of 128
+    c = estimator.estimate(minus[:134], plus[10:144], 10e-9)
+    assert c.status == "uncertain" and c.wd_um == 0.0
+    assert "the image moved -10, 0 px (rows, columns) between the two frames" in c.extra["reason"]

@@ -395,6 +395,26 @@ def speed_command(args) -> int:
     return EXIT_OK
 
 
+def survey_command(args) -> int:
+    from .survey import survey
+
+    def report(run) -> None:
+        print(f"{run.index:3d} {run.profile} {' '.join(run.overrides)} {run.pixel_size_nm:g} nm "
+              f"{run.frame_px[0]}x{run.frame_px[1]} {run.dwell_ns:g} ns from {run.start_wd_um:+g} um "
+              f"{run.start_stig}: {run.outcome}, {'within' if run.within_margin else 'OUTSIDE'} the margin "
+              f"after {run.pairs} pairs {run.message[:100]}", file=sys.stderr, flush=True)
+    try:
+        out = survey(args.kind, args.runs, args.seed, args.specimens or [], args.model, on_run=report)
+    except (ValueError, OSError) as exc:
+        print(f"deepfocus survey: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_safe(out), indent=1, default=float))
+    print(json.dumps({k: out[k] for k in ("kind", "seed", "ends", "converged_outside_margin")}))
+    # a run that says it converged outside the margin is the loop answering wrong without saying so
+    return EXIT_FAILED if out["converged_outside_margin"] else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfocus", description="DeepFocus autofocus and autostigmation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -495,6 +515,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "JPEG or line offsets on both); wd bias and MAE, astigmatism MAE per change and method")
     b.add_argument("--json", default=None, metavar="OUT", help="write the results here (and a PNG beside it)")
     b.set_defaults(func=bench_command)
+
+    u = sub.add_parser("survey", help="the closed loop once on each of many simulated microscopes drawn at random")
+    u.add_argument("--kind", choices=("geometry", "detector"), default="geometry",
+                   help="geometry: beam angle, pixel size, frame, dwell, scan rotation, setup_a or setup_b; "
+                        "detector: detector, probe shape and drift on setup_a at 10 nm")
+    u.add_argument("--runs", type=_positive_int, default=60)
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--specimens", nargs="*", default=[], help=SPECIMEN_HELP + " (one drawn per run)")
+    u.add_argument("--model", default=None)
+    u.add_argument("--json", default=None, metavar="OUT", help="write every run's microscope and end here")
+    u.set_defaults(func=survey_command)
 
     t = sub.add_parser("train", help="generate training data on the simulator and train (resumes)")
     t.add_argument("--config", required=True, type=Path)

@@ -2,16 +2,18 @@
 the shipped model for that microscope's profile, frames saved as TIFF files and read back."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import tifffile
 
 from deepfocus.model_files import load_estimator_for
 from deepfocus.sbemimage import DeepFocusSettings, run_deepfocus_af
-from deepfocus.service import Server, ServerConfig
 from hardware.config import load_profile
 from hardware.factory import open_microscope
+
+try:
+    from test_sbemimage_autofocus import serving
+except ImportError:
+    from tests.test_sbemimage_autofocus import serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,18 +62,10 @@ class SimulatedSBEMimageSEM:
         return (self.sem.get_wd_m() - sim.true_wd_m()) * 1e6, sx - cx, sy - cy
 
 
-@contextlib.contextmanager
 def shipped_model_daemon(profile: str, overrides: list[str]):
     """The daemon on a free loopback port serving the shipped model for ``profile``, as
-    ``deepfocus serve --profile PROFILE --set ...`` does; its address."""
-    estimator = load_estimator_for(load_profile(profile, overrides), device="cpu")
-    srv = Server(ServerConfig(bind="tcp://127.0.0.1:0"), estimator=estimator)
-    srv.start_in_thread()
-    try:
-        yield srv.address
-    finally:
-        srv.stop()
-        srv.join()
+    ``deepfocus serve --profile PROFILE --set ...`` does; a context giving its address."""
+    return serving(load_estimator_for(load_profile(profile, overrides), device="cpu"))
 
 
 WIDE_BEAM = ["optics.aperture_angle_mrad=10.8", "calibration.aperture_angle_mrad=10.8"]

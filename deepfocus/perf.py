@@ -62,7 +62,7 @@ def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n
                     pass            # layers that have no channels-last layout (2-D heads)
             else:
                 with warnings.catch_warnings():
-                    # torch deprecates its eager int8 path; measured here because the issue asks where int8 helps
+                    # torch deprecates its eager int8 path; measured here, int8 being the usual first try on a CPU
                     warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
                     variants["int8_linear"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
                                                                                      dtype=torch.qint8)

@@ -13,7 +13,7 @@ once on each of many microscopes, each drawn from a seed, and lists how every ru
 Each run starts within +-30 um and +-6 units of the truth, on one of the given specimens, and is the loop as
 ``deepfocus autofocus`` runs it (the profile's ``autofocus`` section). A run that ends "failed" before any frame
 (frames too small for the binning their pixels need) is a refusal by name; one that ends "converged" outside the
-margin would be a silent wrong answer. Measured figures: the issue notes and deepfocus/README.md.
+margin would be a silent wrong answer. Measured figures: deepfocus/README.md, "Surveys over microscopes".
 """
 from __future__ import annotations
 

@@ -226,3 +226,20 @@ def test_a_field_shared_by_the_two_frames_too_small_for_a_patch_is_uncertain_nam
     c = estimator.estimate(minus[:134], plus[10:144], 10e-9)
     assert c.status == "uncertain" and c.wd_um == 0.0
     assert "the image moved -10, 0 px (rows, columns) between the two frames" in c.extra["reason"]
+
+
+def test_a_shift_small_against_the_patch_is_left_in_where_cropping_it_would_leave_no_patch(specimen, estimator,
+                                                                                           monkeypatch):
+    # 258 rows at 2.5 nm, binned 2 x 2: 129 rows of the model's pixels; a measured shift of 6 rows cropped away
+    # would leave 126, under the 128 of a patch. Up to a 32nd of the patch (8 frame rows here) it is left in.
+    import deepfocus.estimator as E
+    from deepfocus.registration import PairShift
+    minus, plus, _ = _pairs(specimen, 2.5, 5.0, seed=31, frame_px=(512, 300))[1]
+    plain = estimator.estimate(minus[:258], plus[:258], 2.5e-9)
+    for rows, expect in ((6, "ok"), (10, "uncertain")):
+        monkeypatch.setattr(E, "measure_shift", lambda a, b, binned=None, r=rows: PairShift(-r, 0, 1.0))
+        c = estimator.estimate(minus[:258], plus[:258], 2.5e-9)
+        assert c.status == expect, c.extra
+    monkeypatch.setattr(E, "measure_shift", lambda a, b, binned=None: PairShift(-6, 0, 1.0))
+    c = estimator.estimate(minus[:258], plus[:258], 2.5e-9)
+    assert c.extra["shift_px_left_in"] == [-6, 0] and "shift_px" not in c.extra and c.wd_um == plain.wd_um

@@ -50,7 +50,7 @@ MAX_COARSE_FACTOR = 1.4
 # answered worse: pixels finer than this many times the finest are binned as well (4 mrad at 5 nm pixels, or 8 mrad
 # at 10 nm: within the margin after one correction 0.55 unbinned, 0.85 and 1.00 binned; deepfocus/README.md,
 # "Which pair the loop takes"). Not further: 3 nm pixels binned 3 x 3 answered no better than 2 x 2. Frames too
-# small for this margin's binning give it up first (``_binning``).
+# small for this margin's binning give it up first (``_frame_sampling``).
 WELL_TRAINED_FACTOR = 1.25
 # a shift up to 1 / this of the patch is left in where cropping it away would leave no patch (``estimate``)
 MAX_SHIFT_LEFT_IN = 32
@@ -234,21 +234,22 @@ class DeepFocusEstimator(Estimator):
                 f"{hi * MAX_COARSE_FACTOR:.1f} nm: take the pair with smaller pixels or a larger perturbation")
         return m_nm, max(1, math.ceil(WELL_TRAINED_FACTOR * lo / m_nm - 1e-9))
 
-    def _binning(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float,
-                 aperture_angle_mrad: float | None = None) -> tuple[float, int]:
-        """(pixel size handed to the model in nm before binning, bin factor) for frames of ``shape``: those of
-        ``sampling``, or, where the frames hold no patch binned that much, the most binning they hold that keeps
-        the model's pixels within its trained range (the margin WELL_TRAINED_FACTOR is given up before the
-        frames are: 640 x 320 px at 4.7 nm on 6.9 mrad, binned 3 x 3 for the margin, were refused before any frame,
-        and 640 x 640 that registration cropped to 627 rows ended a run after its pair)."""
+    def _frame_sampling(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float,
+                        aperture_angle_mrad: float | None = None) -> tuple[float, int, int]:
+        """(pixel size handed to the model in nm before binning, bin factor, patch px in the model's pixels) for
+        frames of ``shape``; ValueError where they hold no patch. The binning is ``sampling``'s or, where the frames
+        hold no patch binned that much, the most they hold that keeps the model's pixels within its trained range
+        (the margin WELL_TRAINED_FACTOR is given up before the frames are: 640 x 320 px at 4.7 nm on 6.9 mrad,
+        binned 3 x 3 for the margin, were refused before any frame, and 640 x 640 that registration cropped to 627
+        rows ended a run after its pair)."""
         m_nm, nbin = self.sampling(pixel_size_m, perturbation_m, aperture_angle_mrad)
         if not self.settings.bin_fine_pixels:
-            return m_nm, 1
-        if self.model_pixel_range_nm is not None:
+            nbin = 1
+        elif self.model_pixel_range_nm is not None:
             least = max(1, math.ceil(self.model_pixel_range_nm[0] / m_nm - 1e-9))
             while nbin > least and min(shape) // nbin < self.min_patch_px:
                 nbin -= 1
-        return m_nm, nbin
+        return m_nm, nbin, self._patch_px(shape, nbin, pixel_size_m)
 
     @property
     def min_patch_px(self) -> int:
@@ -267,7 +268,7 @@ class DeepFocusEstimator(Estimator):
 
     def check_frames(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float) -> None:
         d = self._check(shape, pixel_size_m, perturbation_m)
-        self._patch_px(shape, self._binning(shape, pixel_size_m, d)[1], pixel_size_m)
+        self._frame_sampling(shape, pixel_size_m, d)
 
     def _check(self, shape: tuple[int, int], pixel_size_m: float, perturbation_m: float | None) -> float:
         lo, hi = PIXEL_SIZE_RANGE_M
@@ -306,16 +307,13 @@ class DeepFocusEstimator(Estimator):
         if shift is not None and shift.any:
             ca, cb = common_field(a, b, shift)
             try:
-                self._check(ca.shape, pixel_size_m, perturbation_m)
-                self._patch_px(ca.shape, self._binning(ca.shape, pixel_size_m, d, aperture_angle_mrad)[1],
-                               pixel_size_m)
+                model_px_nm, nbin, patch = self._frame_sampling(ca.shape, pixel_size_m, d, aperture_angle_mrad)
             except ValueError as exc:
                 # the frames held a patch and the field they share does not: the image moved between the scans. A
                 # shift small against the patch is left in (4 px on 256 px patches: wd MAE 0.18 against 0.17 um
                 # registered; 24 px: 0.43), so frames cut to the patch size do not fail on a pixel of drift
-                nbin = self._binning(a.shape, pixel_size_m, d, aperture_angle_mrad)[1]
-                if max(abs(shift.dy_px), abs(shift.dx_px)) * MAX_SHIFT_LEFT_IN > self._patch_px(a.shape, nbin,
-                                                                                                 pixel_size_m) * nbin:
+                model_px_nm, nbin, patch = self._frame_sampling(a.shape, pixel_size_m, d, aperture_angle_mrad)
+                if max(abs(shift.dy_px), abs(shift.dx_px)) * MAX_SHIFT_LEFT_IN > patch * nbin:
                     return self._uncertain(
                         f"the image moved {shift.dy_px}, {shift.dx_px} px (rows, columns) between the two frames, and "
                         f"the field they share is too small: {exc}; let the image settle or take larger frames",
@@ -324,10 +322,10 @@ class DeepFocusEstimator(Estimator):
             else:
                 a, b = ca, cb
                 binned = common_field(*binned, binned_shift(shift))
+        else:
+            model_px_nm, nbin, patch = self._frame_sampling(a.shape, pixel_size_m, d, aperture_angle_mrad)
         d_ratio = d / self.perturbation_m          # answers come back d0 / d too small (see ``sampling``)
-        model_px_nm, nbin = self._binning(a.shape, pixel_size_m, d, aperture_angle_mrad)
         model_px_nm *= nbin
-        patch = self._patch_px(a.shape, nbin, pixel_size_m)
         src = patch * nbin
         # identical crops (a frame no larger than one patch) carry no independent information
         n = patch_count(a.shape, nbin, s.n_patches, s.patches_scale_with_frame, s.max_patches)

@@ -19,7 +19,8 @@ pair narrows to fit, down to the estimator's own (``fitting_pair_m``).
 
 An answer whose wd is certain but whose astigmatism is not (``extra["astig_uncertain"]``,
 typical far from focus, or an uncertainty of the stigmators above ``max_uncertainty_stig``) moves wd only, and the
-loop goes on: it never converges on one.
+loop goes on: it never converges on one. A stigmator step that would pass the stigmators' range is held at its
+edge (``steps.within_stigmator_range``) rather than refused by the hardware.
 
 Far beyond the estimator's range (DeepFocus: about 35 um at +-5 um) its patches disagree on wd and the pair is
 refused. Such a pair is taken again at ``far_perturbation_factor`` times the perturbation, or as far apart as the
@@ -49,7 +50,7 @@ from hardware.sem import SEM, Frame, ScanSettings
 
 from .correction import (Correction, Estimator, answers_perturbation, chosen_perturbation_m,
                          far_pair_answered_m, far_perturbation_m)
-from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m
+from .steps import StepPlanner, StepSettings, StigmatorsDiverging, overshoot_m, within_stigmator_range
 
 OUTCOMES = ("converged", "iteration_limit", "uncertain", "failed", "aborted")
 # A far pair's wd answer may spread this share of itself on top of max_uncertainty_wd: the step need only land
@@ -405,6 +406,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 outcome, message = "failed", (f"iteration {it}: {exc}; start restored (is the profile's "
                                               "calibration this microscope's? deepfocus calibrate measures it)")
                 break
+            if s.correct_stig:
+                step = within_stigmator_range(step, stig, sem.limits.stig_min, sem.limits.stig_max)
             planner.taken(step)
             dwd, (dsx, dsy) = step.wd_m, step.stig
             new_wd, new_stig = wd + dwd, (stig[0] + dsx, stig[1] + dsy)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import cmath
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -357,6 +357,20 @@ class StepPlanner:
         self.fusion.applied(step.stig)
         self.wd_fusion.applied((step.wd_m * 1e6, 0.0))
         self._corr = None
+
+
+def within_stigmator_range(step: PlannedStep, stig: tuple[float, float], lo: float, hi: float) -> PlannedStep:
+    """``step`` from the stigmators at ``stig`` with its target held within the stigmators' range [lo, hi].
+
+    The true setting lies within the range (or no setting corrects the microscope), and holding a target within
+    a box that holds the truth never moves it further from the truth; an overshoot past the range's edge (a noisy
+    answer far from focus, very fine pixels) otherwise ends the run on the hardware's refusal and throws away the
+    steps that worked. A step held here is ``stig_clipped``, so the loop learns no scale from it."""
+    want = (stig[0] + step.stig[0], stig[1] + step.stig[1])
+    if all(lo <= v <= hi for v in want):
+        return step
+    held = tuple(min(max(v, lo), hi) - s for v, s in zip(want, stig))
+    return replace(step, stig=held, stig_clipped=True)
 
 
 def _clip(v: float, lim: float) -> float:

@@ -337,6 +337,19 @@ def test_an_overshoot_from_the_largest_start_is_not_clipped_onto_the_truth(small
     assert (sx - sx0, sy - sy0) == (pytest.approx(6.6), pytest.approx(-6.6))
 
 
+def test_a_stigmator_step_past_the_range_is_held_at_its_edge_and_the_loop_goes_on(small_scope):
+    # an overshoot past the stigmators' range ended the run "failed" on the hardware's refusal and restored the start
+    sem = small_scope.sem
+    hi = sem.limits.stig_max
+    sem.set_stig(hi - 1.0, -2.0)
+    res = autofocus(sem, Scripted([corr(2.0, 3.0, 1.0), corr(0.1, -0.5, 0.0), corr(0.1, 0.01, 0.0)]),
+                    AutofocusSettings(max_iterations=3, fuse_stig=False))
+    assert res.outcome == "converged" and res.iterations == 3, res.message
+    first = res.trace[0]
+    assert first.clipped and first.applied_stig == (pytest.approx(hi), pytest.approx(-1.0))
+    assert sem.get_stig() == (pytest.approx(hi - 0.49), pytest.approx(-1.0))
+
+
 def test_settings_default_to_the_profile_section_and_take_a_microscopes_own():
     from hardware.config import AutofocusConfig, load_profile
     base = AutofocusSettings.from_config(AutofocusConfig())

@@ -63,17 +63,6 @@ def check_pixel_size_nm(pixel_size_nm: float) -> None:
                          "pixel size in nanometres (10 nm pixels: --pixel-size-nm 10)")
 
 
-def recorded_pixel_size_note(path, pixel_size_nm: float) -> str | None:
-    """A warning when the image file records another pixel size than ``--pixel-size-nm`` gives: the answer scales
-    with the pixel size, and a slip there is silent."""
-    from .image_files import recorded_pixel_size_m
-    rec = recorded_pixel_size_m(path)
-    if rec is None or abs(rec[0] * 1e9 / pixel_size_nm - 1) <= 0.02:
-        return None
-    return (f"deepfocus predict: {path} records {rec[0] * 1e9:.4g} nm pixels ({rec[1]}), --pixel-size-nm gives "
-            f"{pixel_size_nm:g}: the answer scales with the pixel size; give the one the frames were taken at")
-
-
 def predict_command(args) -> int:
     if getattr(args, "connect", None):
         local = [f for f, v in (("--profile", args.profile), ("--set", args.set),
@@ -89,14 +78,14 @@ def predict_command(args) -> int:
             raise ValueError("--set changes a profile's keys: give the profile (--profile NAME|PATH) it changes")
         check_pixel_size_nm(args.pixel_size_nm)
         d = perturbation_m_from_args(args)
-        from .image_files import read_image
+        from .image_files import read_image, recorded_notes
         minus, plus = read_image(args.minus), read_image(args.plus)
-        note = recorded_pixel_size_note(args.minus, args.pixel_size_nm)
-        if note:
-            print(note, file=sys.stderr)
         est = _estimator_from_args(args)
         if args.aperture_angle_mrad is not None:
             est.aperture_angle_mrad = est._check_alpha(args.aperture_angle_mrad)
+        # frames recorded the other way round are refused here (ValueError)
+        for note in recorded_notes(args.minus, args.plus, args.pixel_size_nm, d or est.perturbation_m):
+            print(f"deepfocus predict: {note}", file=sys.stderr)
         corr = est.estimate(minus, plus, args.pixel_size_nm * 1e-9, d)
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)

@@ -245,8 +245,8 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict_remote(args: argparse.Namespace) -> int:
     """``deepfocus predict MINUS PLUS ... --connect ADDR``: ask the daemon for the correction."""
-    from ..cli import check_pixel_size_nm, perturbation_m_from_args, recorded_pixel_size_note
-    from ..image_files import read_image
+    from ..cli import check_pixel_size_nm, perturbation_m_from_args
+    from ..image_files import read_image, recorded_notes, recorded_pair_note
     from .protocol import json_safe
 
     try:
@@ -254,12 +254,11 @@ def predict_remote(args: argparse.Namespace) -> int:
         check_pixel_size_nm(args.pixel_size_nm)
         perturbation_m = perturbation_m_from_args(args)
         minus, plus = read_image(args.minus), read_image(args.plus)
+        recorded_pair_note(args.minus, args.plus, None)        # frames recorded the other way round: refused
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    note = recorded_pixel_size_note(args.minus, args.pixel_size_nm)
-    if note:
-        print(note, file=sys.stderr)
+
     def ask(client):
         # hello first: the daemon's own size limits, and the beam its answers assume (printed as the local predict
         # prints it)
@@ -270,6 +269,9 @@ def predict_remote(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     corr, hello = answer
+    for note in recorded_notes(args.minus, args.plus, args.pixel_size_nm,
+                               perturbation_m or hello.get("perturbation_m")):
+        print(f"deepfocus predict: {note}", file=sys.stderr)
     if getattr(args, "json", False):
         alpha = hello.get("aperture_angle_mrad") or hello.get("alpha_ref_mrad")
         print(json.dumps(json_safe(dict(corr.to_dict(), aperture_angle_mrad=alpha))))

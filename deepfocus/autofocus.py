@@ -432,6 +432,8 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
                 sem.set_scan(prev_scan)
         except Exception as exc:  # noqa: BLE001 - the scan restore must not hide the main outcome
             message += f"; could not restore scan: {exc}"
+    if outcome == "iteration_limit" and trace:
+        message = _limit_message(trace[-1], s)
     if outcome in ("uncertain", "failed", "aborted") and s.restore_on_failure:
         try:
             sem.set_wd_m(start_wd)
@@ -443,6 +445,20 @@ def autofocus(sem: SEM, estimator: Estimator, settings: AutofocusSettings | None
     return AutofocusResult(outcome, len(trace), trace, frames_n, dose, elapsed(), compute, start_wd, start_stig,
                            sem.get_wd_m(), sem.get_stig(), message,
                            {"wall_s": time.perf_counter() - wall0, "perturbation_m": d, "lens_play_m": play})
+
+
+def _limit_message(last: IterationRecord, s: AutofocusSettings) -> str:
+    """Why a loop that ran out of iterations did not converge: the last answer against the tolerances."""
+    c = last.correction
+    if (c.get("extra") or {}).get("astig_uncertain"):
+        why = "the stigmators were not answered (wd only)"
+    elif s.tol_wd_m < 0 or s.tol_stig < 0:
+        why = "the tolerances are off"
+    else:
+        why = f"tolerances {s.tol_wd_m * 1e6:g} um and {s.tol_stig:g} units"
+    return (f"no convergence in {last.iteration} iteration(s): the last answer was wd {c['wd_um']:+.2f} um "
+            f"(+- {c['uncertainty_wd_um']:.2f}), stig {c['stig_x']:+.3f}, {c['stig_y']:+.3f} ({why}); its step "
+            "was applied. Run the loop again; where answers scatter, a longer dwell")
 
 
 def summarise(result: AutofocusResult) -> list[dict[str, Any]]:

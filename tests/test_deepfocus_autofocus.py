@@ -109,6 +109,14 @@ def test_steps_are_clipped_and_small_corrections_converge(small_scope):
     assert sem.get_wd_m() - wd0 == pytest.approx(40.1e-6, abs=1e-9)
 
 
+def test_a_loop_out_of_iterations_says_what_its_last_answer_was(small_scope):
+    res = autofocus(small_scope.sem, Scripted([corr(3.0, 0.5, 0.0), corr(2.0, 0.4, -0.3)]),
+                    AutofocusSettings(max_iterations=2, tol_wd_m=0.6e-6, tol_stig=0.15))
+    assert res.outcome == "iteration_limit"
+    assert res.message.startswith("no convergence in 2 iteration(s): the last answer was wd +2.00 um (+- 0.10), "
+                                  "stig +0.400, -0.300 (tolerances 0.6 um and 0.15 units)")
+
+
 def test_abort_restores_the_start(small_scope):
     sem = small_scope.sem
     wd0 = sem.get_wd_m()

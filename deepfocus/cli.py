@@ -375,12 +375,16 @@ def speed_command(args) -> int:
         print(f"deepfocus speed: unknown architecture(s) {', '.join(unknown)}; known: {', '.join(ARCHITECTURES)}",
               file=sys.stderr)
         return EXIT_INPUT
-    rows = measure(args.archs.split(",") if args.archs else None, tuple(args.threads), args.patches, args.patch_px,
-                   args.repeats)
+    try:
+        rows = measure(args.archs.split(",") if args.archs else None, tuple(args.threads), args.patches,
+                       args.patch_px, args.repeats, args.idle_ms * 1e-3)
+    except ValueError as exc:
+        print(f"deepfocus speed: --idle-ms {args.idle_ms:g}: {exc}", file=sys.stderr)
+        return EXIT_INPUT
     for r in rows:
         print(json.dumps(asdict(r)) if args.json else
               f"{r.arch:12s} {r.variant:14s} threads {r.threads}  {r.n_patches} x {r.patch_px} px  "
-              f"{r.median_s * 1e3:8.1f} ms")
+              f"{r.median_s * 1e3:8.1f} ms" + (f"  (after {r.idle_s * 1e3:g} ms idle)" if r.idle_s else ""))
     return EXIT_OK
 
 
@@ -546,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--patches", type=int, default=8)
     v.add_argument("--patch-px", type=int, default=256)
     v.add_argument("--repeats", type=int, default=5)
+    v.add_argument("--idle-ms", type=float, default=0.0,
+                   help="leave the machine idle this long before each timed call, as the loop does while it "
+                        "acquires the pair (default 0: calls back to back)")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=speed_command)
 

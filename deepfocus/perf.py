@@ -24,6 +24,7 @@ class SpeedRow:
     n_patches: int
     patch_px: int
     median_s: float
+    idle_s: float = 0.0             # idle before each timed call
 
 
 class _FrozenHead:
@@ -34,11 +35,15 @@ class _FrozenHead:
         return self.head(self.front(pair, pixel_size_nm))
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, idle_s: float = 0.0) -> float:
     fn()
     fn()
     ts = []
     for _ in range(repeats):
+        if idle_s > 0:
+            # as in the loop, where each estimate follows the pair's acquisition: worker threads that slept since
+            # the last call are woken again (on a 2-core virtual machine that took 0.4-8 ms, against 0.03 ms hot)
+            time.sleep(idle_s)
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
@@ -46,7 +51,11 @@ def _time(fn, repeats: int) -> float:
 
 
 def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n_patches: int = 8,
-            patch_px: int = 256, repeats: int = 5) -> list[SpeedRow]:
+            patch_px: int = 256, repeats: int = 5, idle_s: float = 0.0) -> list[SpeedRow]:
+    """Median time per call of each architecture and variant; ``idle_s``: the machine left idle that long before
+    each timed call, as between the loop's estimates."""
+    if not (idle_s >= 0 and idle_s <= 10):
+        raise ValueError(f"idle time must be 0-10 s, got {idle_s!r}")
     rows = []
     before = torch.get_num_threads()
     x = torch.randn(n_patches, 2, patch_px, patch_px)
@@ -76,7 +85,7 @@ def measure(archs: list[str] | None = None, threads: tuple[int, ...] = (1, 2), n
                     def run(m=m, inp=inp):
                         with torch.no_grad():
                             m(inp, 10.0)
-                    rows.append(SpeedRow(arch, name, nt, n_patches, patch_px, _time(run, repeats)))
+                    rows.append(SpeedRow(arch, name, nt, n_patches, patch_px, _time(run, repeats, idle_s), idle_s))
     finally:
         torch.set_num_threads(before)
     return rows

@@ -11,6 +11,7 @@ from deepfocus.cli import EXIT_INPUT, main
     (["train", "--config", "deepfocus/configs/baseline.yaml", "--generate-only", "--train-only"],
      "--generate-only and --train-only exclude each other"),
     (["speed", "--archs", "spectral,nosuch"], "unknown architecture(s) nosuch"),
+    (["speed", "--archs", "spectral", "--idle-ms", "-5"], "--idle-ms -5: idle time must be 0-10 s"),
     (["predict", "a.tif", "b.tif", "--pixel-size-nm", "10", "--set", "calibration.aperture_angle_mrad=3"],
      "--set changes a profile's keys: give the profile"),
     (["bench", "--specimens", "/nonexistent/stack.tif", "--methods", "sweep", "--trials", "1", "--iterations", "1",

@@ -185,3 +185,6 @@ def test_speed_table_times_what_the_estimator_runs():
     rows = measure(["spectral"], threads=(1,), n_patches=2, patch_px=64, repeats=1)
     assert {r.variant for r in rows} == {"eager", "torchscript", "int8_linear", "frozen_head"}
     assert all(r.median_s > 0 for r in rows)
+    # after an idle gap, as the loop's estimates follow the pair's acquisition: never faster than the gap allows
+    idle = measure(["spectral"], threads=(1,), n_patches=2, patch_px=64, repeats=2, idle_s=0.02)
+    assert all(r.idle_s == 0.02 and 0 < r.median_s < 0.02 for r in idle)

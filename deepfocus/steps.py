@@ -369,7 +369,7 @@ def within_stigmator_range(step: PlannedStep, stig: tuple[float, float], lo: flo
     want = (stig[0] + step.stig[0], stig[1] + step.stig[1])
     if all(lo <= v <= hi for v in want):
         return step
-    held = tuple(min(max(v, lo), hi) - s for v, s in zip(want, stig))
+    held = (min(max(want[0], lo), hi) - stig[0], min(max(want[1], lo), hi) - stig[1])
     return replace(step, stig=held, stig_clipped=True)
 
 

@@ -148,6 +148,13 @@ def test_ping_and_predict_through_the_command_line(tmp_path):
         assert {"stig_x", "stig_y", "uncertainty_wd_um", "uncertainty_stig"} <= set(result)
         # the beam the answer assumes, as the local predict prints it (none: this estimator has no beam model)
         assert "aperture_angle_mrad" in result and result["aperture_angle_mrad"] is None
+        # files that record their wd: a pair further apart than the daemon's own pair is answered with a note
+        for name, frame, wd_mm in (("zm.tif", minus, 4.492), ("zp.tif", plus, 4.508)):
+            tifffile.imwrite(tmp_path / name, frame,
+                             extratags=[(34118, "s", 0, f"AP_WD\r\nWD = {wd_mm} mm\r\n", False)])
+        noted = run_cli("predict", str(tmp_path / "zm.tif"), str(tmp_path / "zp.tif"), "--pixel-size-nm", "10",
+                        "--connect", d.address, "--timeout-s", "20")
+        assert noted.returncode == 0 and "a pair at wd -/+ 8 um, taken here as -/+ 5 um" in noted.stderr
         bad = run_cli("predict", str(tmp_path / "m.npy"), str(tmp_path / "missing.tif"),
                       "--pixel-size-nm", "10", "--connect", d.address)
         assert bad.returncode == 4 and "missing.tif" in bad.stderr

@@ -246,7 +246,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_remote(args: argparse.Namespace) -> int:
     """``deepfocus predict MINUS PLUS ... --connect ADDR``: ask the daemon for the correction."""
     from ..cli import check_pixel_size_nm, perturbation_m_from_args
-    from ..image_files import read_image, recorded_notes, recorded_pair_note
+    from ..image_files import read_image, recorded_pair_note, recorded_pixel_size_note
     from .protocol import json_safe
 
     try:
@@ -258,6 +258,9 @@ def predict_remote(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"deepfocus predict: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    note = recorded_pixel_size_note(args.minus, args.pixel_size_nm)
+    if note:
+        print(f"deepfocus predict: {note}", file=sys.stderr)
 
     def ask(client):
         # hello first: the daemon's own size limits, and the beam its answers assume (printed as the local predict
@@ -269,8 +272,9 @@ def predict_remote(args: argparse.Namespace) -> int:
     if code is not None:
         return code
     corr, hello = answer
-    for note in recorded_notes(args.minus, args.plus, args.pixel_size_nm,
-                               perturbation_m or hello.get("perturbation_m")):
+    # the daemon's own pair where none was given: known from its hello
+    note = recorded_pair_note(args.minus, args.plus, perturbation_m or hello.get("perturbation_m"))
+    if note:
         print(f"deepfocus predict: {note}", file=sys.stderr)
     if getattr(args, "json", False):
         alpha = hello.get("aperture_angle_mrad") or hello.get("alpha_ref_mrad")
